@@ -42,4 +42,17 @@ inline Eigen::Map<const RowMatrix<Scalar>, 0, Eigen::OuterStride<>> map_batch(co
 /// bfloat16 storage on the CPU.
 using bf16 = Eigen::bfloat16;
 
+/// The type every reduction, coefficient and Sinkhorn step runs in for a storage type:
+/// double for double, float for float and bfloat16 (spec section 1: at least fp32).
+template <typename Scalar>
+struct compute_type {
+  using type = float;
+};
+template <>
+struct compute_type<double> {
+  using type = double;
+};
+template <typename Scalar>
+using compute_t = typename compute_type<Scalar>::type;
+
 }  // namespace mhc
