@@ -53,8 +53,9 @@ inline constexpr int Dynamic = -1;
 /// Largest number of residual streams the CPU operators accept (1 <= n <= kMaxStreams).
 inline constexpr int kMaxStreams = 16;
 
-/// Largest Sinkhorn iteration count (t_max) accepted; the backward keeps 2 * t_max * n
-/// per-step sums for each matrix in flight, so this bounds its stack scratch.
+/// Largest Sinkhorn iteration count (t_max) accepted. The batched backward keeps the per-round
+/// sums of up to 32 rounds per matrix in flight; past that it recomputes in chunks (time grows
+/// quadratically), so this bound also keeps a mistyped t_max from stalling a run.
 inline constexpr int kMaxSinkhornIterations = 256;
 
 /// Thrown by every host entry point on invalid arguments (shape mismatch, null or overlapping

@@ -75,14 +75,13 @@ MHC_HOST_DEVICE void sinkhorn_forward_kernel(int n_rt, int iterations, const V* 
   }
 }
 
-/// Backward: given A, the forward's final M (overwritten: it walks back to M0) and its sums, turns
-/// G from dL/dM into dL/dA in place.
+/// Walks `steps` column-then-row rounds back. On entry M is the iterate after the last of them and
+/// G = dL/dM; `sums` holds those rounds' sums (column sums then row sums, n each, per round). On
+/// exit M is the iterate before the first of them (reconstructed as M * s) and G = dL/dM there.
 template <int N, typename V>
-MHC_HOST_DEVICE void sinkhorn_backward_kernel(int n_rt, int iterations, const V* A, V* M,
-                                              const V* sums, V* G) {
-  using S = lane_scalar_t<V>;
+MHC_HOST_DEVICE void sinkhorn_reverse_rounds(int n_rt, int steps, V* M, const V* sums, V* G) {
   const int n = N > 0 ? N : n_rt;
-  for (int k = iterations - 1; k >= 0; --k) {
+  for (int k = steps - 1; k >= 0; --k) {
     const V* row_sums = sums + (2 * k + 1) * n;
     for (int i = 0; i < n; ++i) {
       V dot = G[i * n] * M[i * n];
@@ -106,7 +105,14 @@ MHC_HOST_DEVICE void sinkhorn_backward_kernel(int n_rt, int iterations, const V*
       }
     }
   }
-  // exp step: recompute exp(A - colmax) exactly (M has drifted by rounding on the way back).
+}
+
+/// Backward of the clamped stable exp: G = dL/dM0 becomes dL/dA = G * exp(A - colmax) where the
+/// exp was not clamped, 0 where it was. exp(A - colmax) is recomputed from A exactly.
+template <int N, typename V>
+MHC_HOST_DEVICE void sinkhorn_exp_backward(int n_rt, const V* A, V* G) {
+  using S = lane_scalar_t<V>;
+  const int n = N > 0 ? N : n_rt;
   for (int j = 0; j < n; ++j) {
     V m = A[j];
     for (int i = 1; i < n; ++i) m = lane_max(m, A[i * n + j]);
@@ -117,6 +123,37 @@ MHC_HOST_DEVICE void sinkhorn_backward_kernel(int n_rt, int iterations, const V*
       G[i * n + j] = lane_where_ge(e, tiny_normal<S>(), g);
     }
   }
+}
+
+/// Backward: given A, the forward's final M (overwritten: it walks back to M0) and its sums, turns
+/// G from dL/dM into dL/dA in place.
+template <int N, typename V>
+MHC_HOST_DEVICE void sinkhorn_backward_kernel(int n_rt, int iterations, const V* A, V* M,
+                                              const V* sums, V* G) {
+  const int n = N > 0 ? N : n_rt;
+  sinkhorn_reverse_rounds<N>(n, iterations, M, sums, G);
+  sinkhorn_exp_backward<N>(n, A, G);
+}
+
+/// Backward from A alone, with scratch for at most `Capacity` rounds of sums
+/// (sinkhorn_sums_size(n, Capacity) values) and n^2 values of M. Up to Capacity iterations it
+/// costs one forward and one reverse sweep; beyond, it reverses Capacity rounds at a time,
+/// recomputing the forward up to each chunk (memory stays fixed, time grows quadratically).
+template <int N, int Capacity, typename V>
+MHC_HOST_DEVICE void sinkhorn_backward_from_logits(int n_rt, int iterations, const V* A, V* M,
+                                                   V* sums, V* G) {
+  const int n = N > 0 ? N : n_rt;
+  for (int hi = iterations; hi > 0; hi -= Capacity) {
+    const int lo = hi > Capacity ? hi - Capacity : 0;
+    sinkhorn_exp<N>(n, A, M);
+    for (int k = 0; k < hi; ++k) {
+      V* round = k >= lo ? sums + 2 * (k - lo) * n : nullptr;
+      sinkhorn_normalize_columns<N>(n, M, round);
+      sinkhorn_normalize_rows<N>(n, M, round ? round + n : nullptr);
+    }
+    sinkhorn_reverse_rounds<N>(n, hi - lo, M, sums, G);
+  }
+  sinkhorn_exp_backward<N>(n, A, G);
 }
 
 /// Max |column sum - 1| and max |row sum - 1| of one matrix (the doubly stochastic error).
