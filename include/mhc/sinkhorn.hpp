@@ -27,6 +27,7 @@
 #include "mhc/config.hpp"
 #include "mhc/detail/check.hpp"
 #include "mhc/detail/sinkhorn_kernel.hpp"
+#include "mhc/detail/threading.hpp"
 #include "mhc/types.hpp"
 
 namespace mhc {
@@ -47,10 +48,12 @@ namespace detail {
 /// Rounds of sums the batched backward keeps per matrix before it recomputes in chunks.
 inline constexpr int kSinkhornSumsCapacity = 32;
 
-template <typename Compute>
+/// Tokens per tile: two SIMD registers of lanes, enough independent work to hide the division
+/// latency; batches smaller than that use one register (`wide` = false) so a single matrix does
+/// not pay for a whole tile. Lane arithmetic is identical for both widths, bit for bit.
+template <typename Compute, bool wide = true>
 constexpr int sinkhorn_tile_width() {
-  // Two SIMD registers of lanes: enough independent work to hide the division latency.
-  return 2 * Eigen::internal::packet_traits<Compute>::size;
+  return (wide ? 2 : 1) * Eigen::internal::packet_traits<Compute>::size;
 }
 
 inline double nan_max(double a, double b) { return (b > a || std::isnan(b)) ? b : a; }
@@ -93,78 +96,98 @@ inline int sinkhorn_check(const char* where, int N, Index cols, const SinkhornOp
   return n;
 }
 
-/// Forward over all tiles for a compile-time N (N > 0); returns the achieved errors.
-template <int N, typename Scalar>
+/// Tiles below this count run on the calling thread (a parallel region costs microseconds).
+inline constexpr Index kSinkhornMinParallelTiles = 8;
+
+struct ErrorPair {
+  double col = 0.0, row = 0.0;
+};
+inline ErrorPair max_errors(ErrorPair a, ErrorPair b) {
+  return {nan_max(a.col, b.col), nan_max(a.row, b.row)};
+}
+
+/// Forward over all tiles for a compile-time N (N > 0) and tile width W; returns the errors.
+template <int N, int W, typename Scalar>
 SinkhornReport sinkhorn_forward_tiles(const ConstBatchRef<Scalar>& logits, BatchRef<Scalar>& out,
                                       int iterations, bool want_report) {
   using C = compute_t<Scalar>;
-  constexpr int W = sinkhorn_tile_width<C>();
   constexpr int NN = N * N;
   using Lane = Eigen::Array<C, W, 1>;
   const Index T = logits.rows();
   const Index tiles = (T + W - 1) / W;
-  double col_err = 0.0, row_err = 0.0;
-#if defined(_OPENMP)
-#pragma omp parallel if (tiles > 1)
-#endif
-  {
-    double local_col = 0.0, local_row = 0.0;
-    Lane A[NN], M[NN];
-#if defined(_OPENMP)
-#pragma omp for schedule(static)
-#endif
-    for (Index tile = 0; tile < tiles; ++tile) {
-      const Index first = tile * W;
-      const Index count = std::min<Index>(W, T - first);
-      load_tile<NN>(logits, first, count, NN, A);
-      sinkhorn_forward_kernel<N>(N, iterations, A, M, static_cast<Lane*>(nullptr));
-      if (want_report) {
-        for (int a = 0; a < N; ++a) {
-          Lane cs = M[a], rs = M[a * N];
-          for (int b = 1; b < N; ++b) {
-            cs += M[b * N + a];
-            rs += M[a * N + b];
+  const ErrorPair errors = parallel_reduce(
+      tiles, kSinkhornMinParallelTiles, ErrorPair{},
+      [&](Index tile_begin, Index tile_end) {
+        ErrorPair local;
+        Lane A[NN], M[NN];
+        for (Index tile = tile_begin; tile < tile_end; ++tile) {
+          const Index first = tile * W;
+          const Index count = std::min<Index>(W, T - first);
+          load_tile<NN>(logits, first, count, NN, A);
+          sinkhorn_forward_kernel<N>(N, iterations, A, M, static_cast<Lane*>(nullptr));
+          if (want_report) {
+            for (int a = 0; a < N; ++a) {
+              Lane cs = M[a], rs = M[a * N];
+              for (int b = 1; b < N; ++b) {
+                cs += M[b * N + a];
+                rs += M[a * N + b];
+              }
+              for (Index l = 0; l < count; ++l) {
+                local.col = nan_max(local.col, std::abs(static_cast<double>(cs[l]) - 1.0));
+                local.row = nan_max(local.row, std::abs(static_cast<double>(rs[l]) - 1.0));
+              }
+            }
           }
-          for (Index l = 0; l < count; ++l) {
-            local_col = nan_max(local_col, std::abs(static_cast<double>(cs[l]) - 1.0));
-            local_row = nan_max(local_row, std::abs(static_cast<double>(rs[l]) - 1.0));
-          }
+          store_tile(M, first, count, NN, out);
         }
-      }
-      store_tile(M, first, count, NN, out);
-    }
-#if defined(_OPENMP)
-#pragma omp critical(mhc_sinkhorn_report)
-#endif
-    {
-      col_err = nan_max(col_err, local_col);
-      row_err = nan_max(row_err, local_row);
-    }
-  }
-  return {col_err, row_err};
+        return local;
+      },
+      max_errors);
+  return {errors.col, errors.row};
 }
 
-template <int N, typename Scalar>
+template <int N, int W, typename Scalar>
 void sinkhorn_backward_tiles(const ConstBatchRef<Scalar>& logits, const ConstBatchRef<Scalar>& d_out,
                              BatchRef<Scalar>& d_logits, int iterations) {
   using C = compute_t<Scalar>;
-  constexpr int W = sinkhorn_tile_width<C>();
   constexpr int NN = N * N;
   using Lane = Eigen::Array<C, W, 1>;
   const Index T = logits.rows();
   const Index tiles = (T + W - 1) / W;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (tiles > 1)
-#endif
-  for (Index tile = 0; tile < tiles; ++tile) {
+  parallel_for(tiles, kSinkhornMinParallelTiles, [&](Index tile_begin, Index tile_end) {
     Lane A[NN], M[NN], G[NN], sums[2 * kSinkhornSumsCapacity * N];
-    const Index first = tile * W;
-    const Index count = std::min<Index>(W, T - first);
-    load_tile<NN>(logits, first, count, NN, A);
-    load_tile<NN>(d_out, first, count, NN, G);
-    sinkhorn_backward_from_logits<N, kSinkhornSumsCapacity>(N, iterations, A, M, sums, G);
-    store_tile(G, first, count, NN, d_logits);
-  }
+    for (Index tile = tile_begin; tile < tile_end; ++tile) {
+      const Index first = tile * W;
+      const Index count = std::min<Index>(W, T - first);
+      load_tile<NN>(logits, first, count, NN, A);
+      load_tile<NN>(d_out, first, count, NN, G);
+      sinkhorn_backward_from_logits<N, kSinkhornSumsCapacity>(N, iterations, A, M, sums, G);
+      store_tile(G, first, count, NN, d_logits);
+    }
+  });
+}
+
+template <int N, typename Scalar>
+SinkhornReport sinkhorn_forward_fixed(const ConstBatchRef<Scalar>& logits, BatchRef<Scalar>& out,
+                                      int iterations, bool want_report) {
+  using C = compute_t<Scalar>;
+  constexpr int wide = sinkhorn_tile_width<C, true>();
+  constexpr int narrow = sinkhorn_tile_width<C, false>();
+  return logits.rows() >= wide
+             ? sinkhorn_forward_tiles<N, wide, Scalar>(logits, out, iterations, want_report)
+             : sinkhorn_forward_tiles<N, narrow, Scalar>(logits, out, iterations, want_report);
+}
+
+template <int N, typename Scalar>
+void sinkhorn_backward_fixed(const ConstBatchRef<Scalar>& logits, const ConstBatchRef<Scalar>& d_out,
+                             BatchRef<Scalar>& d_logits, int iterations) {
+  using C = compute_t<Scalar>;
+  constexpr int wide = sinkhorn_tile_width<C, true>();
+  constexpr int narrow = sinkhorn_tile_width<C, false>();
+  if (logits.rows() >= wide)
+    sinkhorn_backward_tiles<N, wide, Scalar>(logits, d_out, d_logits, iterations);
+  else
+    sinkhorn_backward_tiles<N, narrow, Scalar>(logits, d_out, d_logits, iterations);
 }
 
 /// Runtime-n path for n beyond the compile-time dispatch: one matrix at a time, scalar lanes.
@@ -172,59 +195,45 @@ template <typename Scalar>
 SinkhornReport sinkhorn_forward_rows(const ConstBatchRef<Scalar>& logits, BatchRef<Scalar>& out,
                                      int n, int iterations, bool want_report) {
   using C = compute_t<Scalar>;
-  const Index T = logits.rows();
   const int nn = n * n;
-  double col_err = 0.0, row_err = 0.0;
-#if defined(_OPENMP)
-#pragma omp parallel if (T > 1)
-#endif
-  {
-    double local_col = 0.0, local_row = 0.0;
-    C A[kMaxStreams * kMaxStreams], M[kMaxStreams * kMaxStreams];
-#if defined(_OPENMP)
-#pragma omp for schedule(static)
-#endif
-    for (Index t = 0; t < T; ++t) {
-      for (int k = 0; k < nn; ++k) A[k] = static_cast<C>(logits(t, k));
-      sinkhorn_forward_kernel<Dynamic>(n, iterations, A, M, static_cast<C*>(nullptr));
-      if (want_report) {
-        C ce, re;
-        doubly_stochastic_error<Dynamic>(n, M, &ce, &re);
-        local_col = nan_max(local_col, static_cast<double>(ce));
-        local_row = nan_max(local_row, static_cast<double>(re));
-      }
-      for (int k = 0; k < nn; ++k) out(t, k) = static_cast<Scalar>(M[k]);
-    }
-#if defined(_OPENMP)
-#pragma omp critical(mhc_sinkhorn_report)
-#endif
-    {
-      col_err = nan_max(col_err, local_col);
-      row_err = nan_max(row_err, local_row);
-    }
-  }
-  return {col_err, row_err};
+  const ErrorPair errors = parallel_reduce(
+      logits.rows(), kSinkhornMinParallelTiles, ErrorPair{},
+      [&](Index t_begin, Index t_end) {
+        ErrorPair local;
+        C A[kMaxStreams * kMaxStreams], M[kMaxStreams * kMaxStreams];
+        for (Index t = t_begin; t < t_end; ++t) {
+          for (int k = 0; k < nn; ++k) A[k] = static_cast<C>(logits(t, k));
+          sinkhorn_forward_kernel<Dynamic>(n, iterations, A, M, static_cast<C*>(nullptr));
+          if (want_report) {
+            C ce, re;
+            doubly_stochastic_error<Dynamic>(n, M, &ce, &re);
+            local = max_errors(local, {static_cast<double>(ce), static_cast<double>(re)});
+          }
+          for (int k = 0; k < nn; ++k) out(t, k) = static_cast<Scalar>(M[k]);
+        }
+        return local;
+      },
+      max_errors);
+  return {errors.col, errors.row};
 }
 
 template <typename Scalar>
 void sinkhorn_backward_rows(const ConstBatchRef<Scalar>& logits, const ConstBatchRef<Scalar>& d_out,
                             BatchRef<Scalar>& d_logits, int n, int iterations) {
   using C = compute_t<Scalar>;
-  const Index T = logits.rows();
   const int nn = n * n;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (T > 1)
-#endif
-  for (Index t = 0; t < T; ++t) {
+  parallel_for(logits.rows(), kSinkhornMinParallelTiles, [&](Index t_begin, Index t_end) {
     C A[kMaxStreams * kMaxStreams], M[kMaxStreams * kMaxStreams], G[kMaxStreams * kMaxStreams];
     C sums[2 * kSinkhornSumsCapacity * kMaxStreams];
-    for (int k = 0; k < nn; ++k) {
-      A[k] = static_cast<C>(logits(t, k));
-      G[k] = static_cast<C>(d_out(t, k));
+    for (Index t = t_begin; t < t_end; ++t) {
+      for (int k = 0; k < nn; ++k) {
+        A[k] = static_cast<C>(logits(t, k));
+        G[k] = static_cast<C>(d_out(t, k));
+      }
+      sinkhorn_backward_from_logits<Dynamic, kSinkhornSumsCapacity>(n, iterations, A, M, sums, G);
+      for (int k = 0; k < nn; ++k) d_logits(t, k) = static_cast<Scalar>(G[k]);
     }
-    sinkhorn_backward_from_logits<Dynamic, kSinkhornSumsCapacity>(n, iterations, A, M, sums, G);
-    for (int k = 0; k < nn; ++k) d_logits(t, k) = static_cast<Scalar>(G[k]);
-  }
+  });
 }
 
 /// Calls f(std::integral_constant<int, N>) for the runtime n when 1 <= n <= 8, else returns false.
@@ -268,10 +277,10 @@ struct Sinkhorn {
     SinkhornReport achieved;
     const bool want = report != nullptr;
     if constexpr (N != Dynamic) {
-      achieved = detail::sinkhorn_forward_tiles<N, Scalar>(logits, out, options.iterations, want);
+      achieved = detail::sinkhorn_forward_fixed<N, Scalar>(logits, out, options.iterations, want);
     } else {
       const bool fixed = detail::dispatch_streams(n, [&](auto nc) {
-        achieved = detail::sinkhorn_forward_tiles<decltype(nc)::value, Scalar>(
+        achieved = detail::sinkhorn_forward_fixed<decltype(nc)::value, Scalar>(
             logits, out, options.iterations, want);
       });
       if (!fixed)
@@ -293,10 +302,10 @@ struct Sinkhorn {
     detail::check_no_overlap(where, "d_logits", d_logits, "logits", logits);
     detail::check_same_or_disjoint(where, "d_logits", d_logits, "d_out", d_out);
     if constexpr (N != Dynamic) {
-      detail::sinkhorn_backward_tiles<N, Scalar>(logits, d_out, d_logits, options.iterations);
+      detail::sinkhorn_backward_fixed<N, Scalar>(logits, d_out, d_logits, options.iterations);
     } else {
       const bool fixed = detail::dispatch_streams(n, [&](auto nc) {
-        detail::sinkhorn_backward_tiles<decltype(nc)::value, Scalar>(logits, d_out, d_logits,
+        detail::sinkhorn_backward_fixed<decltype(nc)::value, Scalar>(logits, d_out, d_logits,
                                                                      options.iterations);
       });
       if (!fixed) detail::sinkhorn_backward_rows<Scalar>(logits, d_out, d_logits, n, options.iterations);
