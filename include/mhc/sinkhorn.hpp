@@ -48,12 +48,14 @@ namespace detail {
 /// Rounds of sums the batched backward keeps per matrix before it recomputes in chunks.
 inline constexpr int kSinkhornSumsCapacity = 32;
 
-/// Tokens per tile: two SIMD registers of lanes, enough independent work to hide the division
-/// latency; batches smaller than that use one register (`wide` = false) so a single matrix does
-/// not pay for a whole tile. Lane arithmetic is identical for both widths, bit for bit.
-template <typename Compute, bool wide = true>
+/// Tokens per tile. Small matrices (n <= 4) use two SIMD registers of lanes, enough independent
+/// work to hide the division latency while the tile (A, M, gradients, sums) stays in L1; larger
+/// ones, and batches smaller than a wide tile, use one register (`wide` = false) so that neither
+/// the cache nor a single matrix pays for unused lanes. Lane arithmetic is identical for every
+/// width, bit for bit, so the choice never changes a result.
+template <typename Compute, int N, bool wide = true>
 constexpr int sinkhorn_tile_width() {
-  return (wide ? 2 : 1) * Eigen::internal::packet_traits<Compute>::size;
+  return (wide && N <= 4 ? 2 : 1) * Eigen::internal::packet_traits<Compute>::size;
 }
 
 inline double nan_max(double a, double b) { return (b > a || std::isnan(b)) ? b : a; }
@@ -171,8 +173,8 @@ template <int N, typename Scalar>
 SinkhornReport sinkhorn_forward_fixed(const ConstBatchRef<Scalar>& logits, BatchRef<Scalar>& out,
                                       int iterations, bool want_report) {
   using C = compute_t<Scalar>;
-  constexpr int wide = sinkhorn_tile_width<C, true>();
-  constexpr int narrow = sinkhorn_tile_width<C, false>();
+  constexpr int wide = sinkhorn_tile_width<C, N, true>();
+  constexpr int narrow = sinkhorn_tile_width<C, N, false>();
   return logits.rows() >= wide
              ? sinkhorn_forward_tiles<N, wide, Scalar>(logits, out, iterations, want_report)
              : sinkhorn_forward_tiles<N, narrow, Scalar>(logits, out, iterations, want_report);
@@ -182,8 +184,8 @@ template <int N, typename Scalar>
 void sinkhorn_backward_fixed(const ConstBatchRef<Scalar>& logits, const ConstBatchRef<Scalar>& d_out,
                              BatchRef<Scalar>& d_logits, int iterations) {
   using C = compute_t<Scalar>;
-  constexpr int wide = sinkhorn_tile_width<C, true>();
-  constexpr int narrow = sinkhorn_tile_width<C, false>();
+  constexpr int wide = sinkhorn_tile_width<C, N, true>();
+  constexpr int narrow = sinkhorn_tile_width<C, N, false>();
   if (logits.rows() >= wide)
     sinkhorn_backward_tiles<N, wide, Scalar>(logits, d_out, d_logits, iterations);
   else
