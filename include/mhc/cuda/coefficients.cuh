@@ -1,0 +1,764 @@
+// mhc/cuda/coefficients.cuh: the mHC coefficients on the GPU, forward and backward (spec sections
+// 2.1-2.5 and 3; paper Eqs. 7-9). Per token t, with v = vec(X_t) (length n C):
+//   forward   r = sqrt(sum(v^2) / (n C) + eps),  z = (v W) / r,  then gates and Sinkhorn
+//             (h_pre, h_post, H_res) from z by mhc::detail::mhc_coefficients_forward;
+//   backward  from dh_pre, dh_post, dH_res: dz by mhc::detail::mhc_coefficients_backward (the
+//             Sinkhorn iterates recomputed on chip from z), then
+//             dX += W (dz / r) - v (z . dz) / (n C r^2),   dW = sum_t v^T (dz / r),
+//             dalpha = sum_t da * z,   dbias = sum_t da.
+//
+// Kernels:
+//   projection  one pass over X gives v W and sum(v^2) per token, split over channels into
+//               partials (splits, T, n^2 + 2n + 1). For n = 4, bf16, C % 32 == 0 it runs on the
+//               tensor cores: mma m16n8k16 with X exact in bf16 and W split as W_hi + W_lo (two
+//               bf16 terms, relative error ~2^-17 per product, fp32 accumulation); otherwise an
+//               fp32 FMA kernel.
+//   finalize    one thread per token: partials summed in split order, then gates + Sinkhorn.
+//   backward    one thread per token for the coefficient maths, then one pass over X writing dX
+//               and the per-chunk partial dW; dW, dalpha, dbias are summed in a fixed order.
+#pragma once
+
+#include "mhc/cuda/common.cuh"
+#include "mhc/detail/coefficient_kernel.hpp"
+
+namespace mhc::cuda {
+namespace detail {
+
+// ---- projection: generic fp32-FMA path ---------------------------------------------------------
+
+inline constexpr int kProjTokens = 4;  // tokens per block of the generic projection
+
+template <int N>
+inline constexpr int proj_cols_v = N == 4 ? 24 : 16;  // columns per block (blockIdx.z)
+
+/// part[s][t][j] = sum over the split's channels of v[k] W[k][j] (j < nc), part[s][t][nc] =
+/// sum of v[k]^2. Grid (ceil(T / TB), splits, ceil(nc / JB)), 256 threads.
+template <int N, int VEC, typename S>
+__global__ void __launch_bounds__(256)
+    project_generic_kernel(int n_rt, Index T, Index C, const S* __restrict__ X, Index ldx,
+                           const float* __restrict__ W, int splits, float* __restrict__ part) {
+  constexpr int TB = kProjTokens, JB = proj_cols_v<N>, K = TB * (JB + 1);
+  const int n = N > 0 ? N : n_rt;
+  const int nc = coef_count(n), P = nc + 1;
+  const Index t0 = static_cast<Index>(blockIdx.x) * TB;
+  const int sp = blockIdx.y;
+  const int j0 = blockIdx.z * JB;
+  const Index nvec = C / VEC;
+  const Index per = (nvec + splits - 1) / splits;
+  const Index v_begin = sp * per;
+  const Index v_end = v_begin + per < nvec ? v_begin + per : nvec;
+  float acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = 0.f;
+  for (int i = 0; i < n; ++i) {
+    for (Index vi = v_begin + threadIdx.x; vi < v_end; vi += blockDim.x) {
+      const Index c = vi * VEC;
+      float x[TB][VEC];
+#pragma unroll
+      for (int tb = 0; tb < TB; ++tb) {
+        if (t0 + tb < T) {
+          load_vec<VEC>(X + ((t0 + tb) * n + i) * ldx + c, x[tb]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) x[tb][e] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float* w = W + (i * C + c + e) * nc + j0;
+        float wr[JB];
+#pragma unroll
+        for (int j = 0; j < JB; ++j) wr[j] = j0 + j < nc ? __ldg(w + j) : 0.f;
+#pragma unroll
+        for (int tb = 0; tb < TB; ++tb) {
+#pragma unroll
+          for (int j = 0; j < JB; ++j) acc[tb * (JB + 1) + j] += x[tb][e] * wr[j];
+          acc[tb * (JB + 1) + JB] += x[tb][e] * x[tb][e];
+        }
+      }
+    }
+  }
+  __shared__ float scratch[8 * K];
+  __shared__ float total[K];
+  block_sum<K>(acc, K, scratch, total);
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    const int tb = k / (JB + 1), j = k % (JB + 1);
+    const Index t = t0 + tb;
+    if (t >= T) continue;
+    float* dst = part + (sp * T + t) * P;
+    if (j < JB) {
+      if (j0 + j < nc) dst[j0 + j] = total[k];
+    } else if (blockIdx.z == 0) {
+      dst[nc] = total[k];
+    }
+  }
+}
+
+// ---- projection: tensor-core path (n = 4, bf16, C % 32 == 0) -----------------------------------
+
+inline constexpr int kMmaTokens = 64;  // tokens per block: 4 m-tiles of 16, shared by 4 warps
+inline constexpr int kMmaNT = 3;       // n-tiles of 8 columns: n^2 + 2n = 24 for n = 4
+
+/// W (n C, nc) fp32 -> two bf16 copies (hi = bf16(W), lo = bf16(W - hi)) in mma fragment order:
+/// for k-chunk kc = i * (C / 32) + c / 32, n-tile nt and lane (g = lane / 4, q = lane % 4), one
+/// uint4 holds W[kc * 32 + 8 q + e][8 nt + g] for e = 0..7 (zero past column nc). Channels are
+/// permuted inside a chunk the same way for X (see project_mma_kernel), which leaves v W exact.
+template <int Unused = 0>
+__global__ void pack_w_kernel(Index k_chunks, int nc, const float* __restrict__ W,
+                              uint4* __restrict__ hi, uint4* __restrict__ lo) {
+  const Index total = k_chunks * kMmaNT * 32;
+  for (Index idx = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const int lane = static_cast<int>(idx % 32);
+    const int nt = static_cast<int>((idx / 32) % kMmaNT);
+    const Index kc = idx / (32 * kMmaNT);
+    const int g = lane >> 2, q = lane & 3, col = nt * 8 + g;
+    const Index k0 = kc * 32 + 8 * q;
+    __nv_bfloat16 h[8], l[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float w = col < nc ? W[(k0 + e) * nc + col] : 0.f;
+      h[e] = __float2bfloat16_rn(w);
+      l[e] = __float2bfloat16_rn(w - __bfloat162float(h[e]));
+    }
+    hi[idx] = *reinterpret_cast<const uint4*>(h);
+    lo[idx] = *reinterpret_cast<const uint4*>(l);
+  }
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], unsigned a0, unsigned a1,
+                                               unsigned a2, unsigned a3, unsigned b0,
+                                               unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned word(const uint4& v, int k) {
+  return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ float sum_squares8(const uint4& v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(h[k]);
+    s += f.x * f.x + f.y * f.y;
+  }
+  return s;
+}
+
+/// Same partials as project_generic_kernel for n = 4. Block: 4 warps x 64 tokens; the warps
+/// share the tokens and take every 4th 32-channel chunk of the block's split, then sum their
+/// tiles through shared memory in warp order. A thread (g, q) loads 16 bytes of X per row and
+/// chunk (channels 8q..8q+7 of rows g and g+8 of each m-tile): the two mma k-steps of the chunk
+/// use channels 8q+{0..3} and 8q+{4..7}, matched by the packed W.
+template <int Unused = 0>
+__global__ void __launch_bounds__(128)
+    project_mma_kernel(Index T, Index C, const __nv_bfloat16* __restrict__ X, Index ldx,
+                       const uint4* __restrict__ Whi, const uint4* __restrict__ Wlo, int splits,
+                       float* __restrict__ part) {
+  constexpr int n = 4, nc = 24, P = nc + 1, MT = kMmaTokens / 16;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const Index t0 = static_cast<Index>(blockIdx.x) * kMmaTokens;
+  const int sp = blockIdx.y;
+  const Index chunks = C / 32;
+  const Index per = (chunks + splits - 1) / splits;
+  const Index c_begin = sp * per;
+  const Index c_end = c_begin + per < chunks ? c_begin + per : chunks;
+
+  const __nv_bfloat16* row[MT][2];
+  bool valid[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const Index t = t0 + 16 * m + g + 8 * h;
+      valid[m][h] = t < T;
+      row[m][h] = X + (valid[m][h] ? t : 0) * n * ldx + 8 * q;
+    }
+
+  float acc[MT][kMmaNT][4];
+  float ss[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    ss[m][0] = ss[m][1] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kMmaNT; ++nt)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[m][nt][k] = 0.f;
+  }
+
+  for (Index c32 = c_begin + warp; c32 < c_end; c32 += 4) {
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      uint4 a[MT][2];
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          a[m][h] = valid[m][h] ? __ldg(reinterpret_cast<const uint4*>(row[m][h] + i * ldx +
+                                                                       c32 * 32))
+                                : make_uint4(0u, 0u, 0u, 0u);
+      const Index kc = i * chunks + c32;
+#pragma unroll
+      for (int nt = 0; nt < kMmaNT; ++nt) {
+        const uint4 bh = __ldg(Whi + (kc * kMmaNT + nt) * 32 + lane);
+        const uint4 bl = __ldg(Wlo + (kc * kMmaNT + nt) * 32 + lane);
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            const unsigned a0 = word(a[m][0], 2 * s), a1 = word(a[m][1], 2 * s);
+            const unsigned a2 = word(a[m][0], 2 * s + 1), a3 = word(a[m][1], 2 * s + 1);
+            mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bh, 2 * s), word(bh, 2 * s + 1));
+            mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bl, 2 * s), word(bl, 2 * s + 1));
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        ss[m][0] += sum_squares8(a[m][0]);
+        ss[m][1] += sum_squares8(a[m][1]);
+      }
+    }
+  }
+
+  __shared__ float red[4][kMmaTokens * P];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float s = ss[m][h];
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      if (q == 0) red[warp][(16 * m + g + 8 * h) * P + nc] = s;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kMmaNT; ++nt) {
+      const int col = nt * 8 + 2 * q;
+      red[warp][(16 * m + g) * P + col] = acc[m][nt][0];
+      red[warp][(16 * m + g) * P + col + 1] = acc[m][nt][1];
+      red[warp][(16 * m + g + 8) * P + col] = acc[m][nt][2];
+      red[warp][(16 * m + g + 8) * P + col + 1] = acc[m][nt][3];
+    }
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < kMmaTokens * P; k += blockDim.x) {
+    const Index t = t0 + k / P;
+    if (t < T) part[(sp * T + t0) * P + k] = ((red[0][k] + red[1][k]) + red[2][k]) + red[3][k];
+  }
+}
+
+// ---- finalize: partials -> z, r, gates, Sinkhorn -----------------------------------------------
+
+template <int N>
+__global__ void __launch_bounds__(128)
+    coefficients_finalize_kernel(int n_rt, Index T, Index C, int splits,
+                                 const float* __restrict__ part, MappingParams p,
+                                 Coefficients out) {
+  constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM;
+  const int n = N > 0 ? N : n_rt;
+  const int nc = coef_count(n), P = nc + 1;
+  const Index t = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x;
+  if (t >= T) return;
+  float z[NCM];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < NCM; ++j) z[j] = 0.f;
+  for (int sp = 0; sp < splits; ++sp) {
+    const float* src = part + (sp * T + t) * P;
+#pragma unroll
+    for (int j = 0; j < NCM; ++j)
+      if (j < nc) z[j] += src[j];
+    ss += src[nc];
+  }
+  const float r = sqrtf(ss / static_cast<float>(n * C) + p.eps);
+#pragma unroll
+  for (int j = 0; j < NCM; ++j)
+    if (j < nc) {
+      z[j] = z[j] / r;
+      out.z[t * nc + j] = z[j];
+    }
+  out.r[t] = r;
+  const mhc::detail::GateParams<float> gp{p.alpha[0], p.alpha[1], p.alpha[2],
+                                          p.bias,     p.bias + n, p.bias + 2 * n};
+  float h_pre[NM], h_post[NM], H[NM * NM], A[NM * NM];
+  mhc::detail::mhc_coefficients_forward<N>(n, p.iterations, z, gp, h_pre, h_post, H, A);
+#pragma unroll
+  for (int i = 0; i < NM; ++i)
+    if (i < n) {
+      out.h_pre[t * n + i] = h_pre[i];
+      out.h_post[t * n + i] = h_post[i];
+    }
+#pragma unroll
+  for (int k = 0; k < NM * NM; ++k)
+    if (k < n * n) out.H_res[t * n * n + k] = H[k];
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+/// One thread per token: dz from (dh_pre, dh_post, dH_res) through the shared gate and Sinkhorn
+/// backward, then q = dz / r and beta = (z . dz) / (n C r^2) to qb (T, nc + 1), and the token's
+/// dalpha (3) and dbias (nc) to tok (T, 3 + nc). `scratch` holds coefficient_backward_scratch
+/// floats per token (the Sinkhorn sums of the recomputed forward).
+template <int N>
+__global__ void __launch_bounds__(128)
+    coefficients_backward_token_kernel(int n_rt, Index T, Index C, MappingParams p,
+                                       ConstCoefficients coef, const float* __restrict__ d_h_pre,
+                                       const float* __restrict__ d_h_post,
+                                       const float* __restrict__ d_H_res, float* __restrict__ qb,
+                                       float* __restrict__ tok, float* __restrict__ scratch,
+                                       int scratch_len) {
+  constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM;
+  const int n = N > 0 ? N : n_rt;
+  const int nc = coef_count(n);
+  const Index t = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x;
+  if (t >= T) return;
+  float z[NCM], dz[NCM], dhp[NM], dhq[NM], dH[NM * NM];
+  float dal[3] = {0.f, 0.f, 0.f}, dbp[NM], dbq[NM], dbr[NM * NM];
+#pragma unroll
+  for (int j = 0; j < NCM; ++j) z[j] = j < nc ? coef.z[t * nc + j] : 0.f;
+#pragma unroll
+  for (int i = 0; i < NM; ++i) {
+    dhp[i] = i < n ? d_h_pre[t * n + i] : 0.f;
+    dhq[i] = i < n ? d_h_post[t * n + i] : 0.f;
+    dbp[i] = dbq[i] = 0.f;
+  }
+#pragma unroll
+  for (int k = 0; k < NM * NM; ++k) {
+    dH[k] = k < n * n ? d_H_res[t * n * n + k] : 0.f;
+    dbr[k] = 0.f;
+  }
+  const mhc::detail::GateParams<float> gp{p.alpha[0], p.alpha[1], p.alpha[2],
+                                          p.bias,     p.bias + n, p.bias + 2 * n};
+  mhc::detail::mhc_coefficients_backward<N>(n, p.iterations, z, gp, dhp, dhq, dH, dz, dal, dbp,
+                                            dbq, dbr, scratch + t * scratch_len);
+  const float r = coef.r[t];
+  float zdz = 0.f;
+#pragma unroll
+  for (int j = 0; j < NCM; ++j)
+    if (j < nc) {
+      zdz += z[j] * dz[j];
+      qb[t * (nc + 1) + j] = dz[j] / r;
+    }
+  qb[t * (nc + 1) + nc] = zdz / (static_cast<float>(n * C) * r * r);
+  float* dst = tok + t * (3 + nc);
+  dst[0] = dal[0], dst[1] = dal[1], dst[2] = dal[2];
+#pragma unroll
+  for (int i = 0; i < NM; ++i)
+    if (i < n) {
+      dst[3 + i] = dbp[i];
+      dst[3 + n + i] = dbq[i];
+    }
+#pragma unroll
+  for (int k = 0; k < NM * NM; ++k)
+    if (k < n * n) dst[3 + 2 * n + k] = dbr[k];
+}
+
+inline constexpr int kGradTokens = 16;  // tokens staged per shared-memory batch
+
+/// One pass over the channels of a token chunk (grid (channel blocks, chunks), n * (256 / n)
+/// threads; thread (i, CV channels)):
+///   dX[t][i][c] = (accumulate ? dX : 0) + [G]  sum_j H_res[t][j][i] G[t][j][c]
+///                                      + [du] h_pre[t][i] du[t][c]
+///                                      + [qb] sum_m W[i C + c][m] q[t][m] - beta[t] X[t][i][c]
+///   dWpart[chunk][i C + c][m] = sum over the chunk's tokens of X[t][i][c] q[t][m]      ([qb])
+/// Null G / du / qb drop their term; the W row of a thread stays in registers for the chunk.
+template <int N, int CV, typename S>
+__global__ void __launch_bounds__(256)
+    input_grad_kernel(int n_rt, Index T, Index C, const S* __restrict__ G, Index ldg,
+                      const S* __restrict__ du, Index ldu, const S* __restrict__ X, Index ldx,
+                      const float* __restrict__ W, ConstCoefficients coef,
+                      const float* __restrict__ qb, S* dX, Index lddx, bool accumulate,
+                      Index tokens_per_chunk, float* __restrict__ dW_part) {
+  constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM;
+  constexpr int QS = (NCM + 1 + 3) / 4 * 4;  // row stride of the staged q (+ beta)
+  const int n = N > 0 ? N : n_rt;
+  const int nc = coef_count(n);
+  const int groups = 256 / n;
+  const int i = threadIdx.x / groups, g = threadIdx.x % groups;
+  const Index c = (static_cast<Index>(blockIdx.x) * groups + g) * CV;
+  const bool active = i < n && c < C;
+  const Index t_begin = blockIdx.y * tokens_per_chunk;
+  const Index t_end = t_begin + tokens_per_chunk < T ? t_begin + tokens_per_chunk : T;
+
+  __shared__ float s_q[kGradTokens * QS];
+  __shared__ float s_hpre[kGradTokens * NM];
+  __shared__ float s_H[kGradTokens * NM * NM];
+
+  float w[CV][NCM], dw[CV][NCM];
+#pragma unroll
+  for (int e = 0; e < CV; ++e)
+#pragma unroll
+    for (int m = 0; m < NCM; ++m) {
+      w[e][m] = (qb && active && m < nc) ? __ldg(W + (i * C + c + e) * nc + m) : 0.f;
+      dw[e][m] = 0.f;
+    }
+
+  for (Index b0 = t_begin; b0 < t_end; b0 += kGradTokens) {
+    const int nb = static_cast<int>(t_end - b0 < kGradTokens ? t_end - b0 : kGradTokens);
+    __syncthreads();
+    for (int k = threadIdx.x; k < nb * QS; k += blockDim.x) {
+      const int tt = k / QS, m = k % QS;
+      s_q[k] = (qb && m <= nc) ? qb[(b0 + tt) * (nc + 1) + m] : 0.f;
+    }
+    for (int k = threadIdx.x; k < nb * n; k += blockDim.x)
+      s_hpre[k] = du ? coef.h_pre[b0 * n + k] : 0.f;
+    for (int k = threadIdx.x; k < nb * n * n; k += blockDim.x)
+      s_H[k] = G ? coef.H_res[b0 * n * n + k] : 0.f;
+    __syncthreads();
+    if (!active) continue;
+    for (int tt = 0; tt < nb; ++tt) {
+      const Index t = b0 + tt;
+      float out[CV], x[CV];
+      if (accumulate) {
+        load_vec<CV>(dX + (t * n + i) * lddx + c, out);
+      } else {
+#pragma unroll
+        for (int e = 0; e < CV; ++e) out[e] = 0.f;
+      }
+      if (G) {
+#pragma unroll
+        for (int j = 0; j < NM; ++j) {
+          if (j < n) {
+            float gj[CV];
+            load_vec<CV>(G + (t * n + j) * ldg + c, gj);
+            const float hji = s_H[tt * n * n + j * n + i];
+#pragma unroll
+            for (int e = 0; e < CV; ++e) out[e] += hji * gj[e];
+          }
+        }
+      }
+      if (du) {
+        float d[CV];
+        load_vec<CV>(du + t * ldu + c, d);
+        const float hp = s_hpre[tt * n + i];
+#pragma unroll
+        for (int e = 0; e < CV; ++e) out[e] += hp * d[e];
+      }
+      if (qb) {
+        load_vec<CV>(X + (t * n + i) * ldx + c, x);
+        const float* qrow = s_q + tt * QS;
+        const float beta = qrow[nc];
+#pragma unroll
+        for (int m = 0; m < NCM; ++m) {
+          if (m < nc) {
+            const float qm = qrow[m];
+#pragma unroll
+            for (int e = 0; e < CV; ++e) {
+              out[e] += w[e][m] * qm;
+              dw[e][m] += x[e] * qm;
+            }
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < CV; ++e) out[e] -= beta * x[e];
+      }
+      store_vec<CV>(dX + (t * n + i) * lddx + c, out);
+    }
+  }
+  if (qb && active) {
+    float* dst = dW_part + static_cast<Index>(blockIdx.y) * n * C * nc;
+#pragma unroll
+    for (int e = 0; e < CV; ++e)
+#pragma unroll
+      for (int m = 0; m < NCM; ++m)
+        if (m < nc) dst[(i * C + c + e) * nc + m] = dw[e][m];
+  }
+}
+
+// ---- launch plans (sizes only; shared by the launchers and the workspace queries) --------------
+
+template <typename S>
+inline bool use_mma(int n, Index C, const S* X, Index ldx) {
+  return std::is_same<S, __nv_bfloat16>::value && n == 4 && C % 32 == 0 &&
+         (X == nullptr || (aligned(X, 16) && ldx % kVec == 0));
+}
+
+struct ProjectionPlan {
+  bool mma;
+  int blocks_x, splits, blocks_z;
+};
+
+inline ProjectionPlan projection_plan(int n, Index T, Index C, bool mma, bool vec) {
+  ProjectionPlan pl{};
+  pl.mma = mma;
+  const int nc = coef_count(n);
+  if (pl.mma) {
+    pl.blocks_x = ceil_div(T, kMmaTokens);
+    pl.blocks_z = 1;
+    const int max_splits = static_cast<int>(C / 32 / 4 > 1 ? C / 32 / 4 : 1);
+    const int want = ceil_div(kTargetBlocks, pl.blocks_x);
+    pl.splits = want < max_splits ? want : max_splits;
+  } else {
+    pl.blocks_x = ceil_div(T, kProjTokens);
+    pl.blocks_z = ceil_div(nc, n == 4 ? 24 : 16);
+    const Index nvec = vec ? C / kVec : C;
+    const int max_splits = static_cast<int>(nvec / 256 > 1 ? nvec / 256 : 1);
+    const int want = ceil_div(kTargetBlocks, static_cast<Index>(pl.blocks_x) * pl.blocks_z);
+    pl.splits = want < max_splits ? want : max_splits;
+  }
+  if (pl.splits < 1) pl.splits = 1;
+  return pl;
+}
+
+struct InputGradPlan {
+  int cv, groups, blocks_x, chunks;
+  Index tokens_per_chunk;
+};
+
+inline InputGradPlan input_grad_plan(int n, Index T, Index C, bool vec) {
+  InputGradPlan pl{};
+  pl.cv = (vec && n == 4) ? 2 : 1;
+  pl.groups = 256 / n;
+  pl.blocks_x = ceil_div(C, static_cast<Index>(pl.groups) * pl.cv);
+  const Index max_chunks = (T + kGradTokens - 1) / kGradTokens;
+  Index chunks = ceil_div(kTargetBlocks, pl.blocks_x);
+  if (chunks > max_chunks) chunks = max_chunks;
+  if (chunks < 1) chunks = 1;
+  pl.tokens_per_chunk = (T + chunks - 1) / chunks;
+  if (pl.tokens_per_chunk < 1) pl.tokens_per_chunk = 1;
+  pl.chunks = ceil_div(T > 0 ? T : 1, pl.tokens_per_chunk);
+  return pl;
+}
+
+struct ForwardWorkspace {
+  float* part;
+  uint4* w_hi;
+  uint4* w_lo;
+};
+
+inline ForwardWorkspace forward_workspace(Carve& cv, int n, Index T, Index C, bool mma, bool vec) {
+  const ProjectionPlan pl = projection_plan(n, T, C, mma, vec);
+  ForwardWorkspace ws{};
+  ws.part = cv.take<float>(static_cast<std::size_t>(pl.splits) * T * (coef_count(n) + 1));
+  if (pl.mma) {
+    const std::size_t frags = static_cast<std::size_t>(n) * (C / 32) * kMmaNT * 32;
+    ws.w_hi = cv.take<uint4>(frags);
+    ws.w_lo = cv.take<uint4>(frags);
+  }
+  return ws;
+}
+
+struct BackwardWorkspace {
+  float* qb;
+  float* tok;
+  float* scratch;
+  float* dW_part;
+  int scratch_len;
+};
+
+inline BackwardWorkspace backward_workspace(Carve& cv, int n, Index T, Index C, int iterations,
+                                            bool vec) {
+  const int nc = coef_count(n);
+  BackwardWorkspace ws{};
+  ws.scratch_len = mhc::detail::coefficient_backward_scratch(n, iterations);
+  ws.qb = cv.take<float>(static_cast<std::size_t>(T) * (nc + 1));
+  ws.tok = cv.take<float>(static_cast<std::size_t>(T) * (3 + nc));
+  ws.scratch = cv.take<float>(static_cast<std::size_t>(T) * ws.scratch_len);
+  const InputGradPlan pl = input_grad_plan(n, T, C, vec);
+  ws.dW_part = cv.take<float>(static_cast<std::size_t>(pl.chunks) * n * C * nc);
+  return ws;
+}
+
+inline Status check_params(int n, Index T, Index C, const MappingParams& p) {
+  if (!streams_ok(n) || T < 0 || C < 1) return Status::kInvalidArgument;
+  if (p.iterations < 0 || p.iterations > kMaxSinkhornIterations) return Status::kInvalidArgument;
+  if (!(p.eps >= 0.f)) return Status::kInvalidArgument;
+  if (!p.W || !p.alpha || !p.bias) return Status::kInvalidArgument;
+  if (!aligned(p.W, 4) || !aligned(p.alpha, 4) || !aligned(p.bias, 4))
+    return Status::kMisalignedPointer;
+  return Status::kSuccess;
+}
+
+template <typename P>
+inline Status check_coefficients(const CoefficientsT<P>& c, Index T) {
+  if (T == 0) return Status::kSuccess;
+  if (!c.z || !c.r || !c.h_pre || !c.h_post || !c.H_res) return Status::kInvalidArgument;
+  if (!aligned(c.z, 4) || !aligned(c.r, 4) || !aligned(c.h_pre, 4) || !aligned(c.h_post, 4) ||
+      !aligned(c.H_res, 4))
+    return Status::kMisalignedPointer;
+  return Status::kSuccess;
+}
+
+}  // namespace detail
+
+// ---- coefficients forward ----------------------------------------------------------------------
+
+/// Workspace bytes coefficients_forward needs for these sizes, whatever the alignment of X.
+template <typename S>
+inline std::size_t coefficients_forward_workspace_size(int n, Index T, Index C) {
+  if (!detail::streams_ok(n) || T < 0 || C < 1) return 0;
+  std::size_t most = 0;
+  for (int variant = 0; variant < 3; ++variant) {
+    const bool mma = variant == 0 && detail::use_mma<S>(n, C, nullptr, 0);
+    detail::Carve cv(nullptr);
+    detail::forward_workspace(cv, n, T, C, mma, variant != 2);
+    if (cv.bytes() > most) most = cv.bytes();
+  }
+  return most;
+}
+
+/// X (T, n, C) rows of stride ldx (T * n rows) -> per-token coefficients (spec 2.1-2.5, Eqs.
+/// 7-9): z, r, h_pre, h_post, H_res into `out` (fp32, dense). Deterministic.
+template <typename S>
+inline Status coefficients_forward(int n, Index T, Index C, const S* X, Index ldx,
+                                   const MappingParams& p, const Coefficients& out,
+                                   void* workspace, std::size_t workspace_bytes,
+                                   cudaStream_t stream = 0) {
+  static_assert(detail::is_storage_v<S>, "mhc::cuda: storage must be float or __nv_bfloat16");
+  using namespace detail;
+  MHC_CUDA_TRY(check_params(n, T, C, p));
+  MHC_CUDA_TRY(check_rows(X, T * n, C, ldx));
+  MHC_CUDA_TRY(check_coefficients(out, T));
+  if (T == 0) return Status::kSuccess;
+  if (workspace_bytes < coefficients_forward_workspace_size<S>(n, T, C))
+    return Status::kWorkspaceTooSmall;
+  if (!workspace) return Status::kInvalidArgument;
+  const bool vec = C % kVec == 0 && vec_ok(X, ldx);
+  const bool mma = use_mma(n, C, X, ldx);
+  Carve cv(workspace);
+  const ForwardWorkspace ws = forward_workspace(cv, n, T, C, mma, vec);
+  const ProjectionPlan pl = projection_plan(n, T, C, mma, vec);
+  if (pl.mma) {
+    const Index k_chunks = n * (C / 32);
+    pack_w_kernel<<<elementwise_blocks(k_chunks * kMmaNT * 32), 256, 0, stream>>>(
+        k_chunks, coef_count(n), p.W, ws.w_hi, ws.w_lo);
+    project_mma_kernel<<<dim3(pl.blocks_x, pl.splits), 128, 0, stream>>>(
+        T, C, reinterpret_cast<const __nv_bfloat16*>(X), ldx, ws.w_hi, ws.w_lo, pl.splits,
+        ws.part);
+  }
+  return dispatch_streams(n, [&](auto nn) {
+    constexpr int N = decltype(nn)::value;
+    if (!pl.mma) {
+      const dim3 grid(pl.blocks_x, pl.splits, pl.blocks_z);
+      if (vec)
+        project_generic_kernel<N, kVec><<<grid, 256, 0, stream>>>(n, T, C, X, ldx, p.W, pl.splits,
+                                                                  ws.part);
+      else
+        project_generic_kernel<N, 1><<<grid, 256, 0, stream>>>(n, T, C, X, ldx, p.W, pl.splits,
+                                                               ws.part);
+    }
+    coefficients_finalize_kernel<N><<<ceil_div(T, 128), 128, 0, stream>>>(n, T, C, pl.splits,
+                                                                           ws.part, p, out);
+    return last_launch_status();
+  });
+}
+
+// ---- coefficients backward ---------------------------------------------------------------------
+
+inline std::size_t coefficients_backward_workspace_size(int n, Index T, Index C, int iterations) {
+  if (!detail::streams_ok(n) || T < 0 || C < 1 || iterations < 0 ||
+      iterations > kMaxSinkhornIterations)
+    return 0;
+  detail::Carve cv(nullptr);
+  // The channel-vector plan only changes CV (and so not the sizes); take the larger of both.
+  detail::Carve cv2(nullptr);
+  detail::backward_workspace(cv, n, T, C, iterations, true);
+  detail::backward_workspace(cv2, n, T, C, iterations, false);
+  return cv.bytes() > cv2.bytes() ? cv.bytes() : cv2.bytes();
+}
+
+namespace detail {
+
+/// Shared by coefficients_backward and layer_backward: token kernel, input-gradient pass (with
+/// the optional update and pre-mix terms), then the fixed-order sums of dW, dalpha, dbias.
+template <typename S>
+inline Status coefficients_backward_impl(int n, Index T, Index C, const S* G, Index ldg,
+                                         const S* du, Index ldu, const S* X, Index ldx,
+                                         const MappingParams& p, const ConstCoefficients& coef,
+                                         const float* d_h_pre, const float* d_h_post,
+                                         const float* d_H_res, S* dX, Index lddx, bool accumulate,
+                                         float* dW, float* d_alpha, float* d_bias, Carve& cv,
+                                         cudaStream_t stream) {
+  const bool vec = C % kVec == 0 && vec_ok(X, ldx) && vec_ok(dX, lddx) && vec_ok(G, ldg) &&
+                   vec_ok(du, ldu);
+  const BackwardWorkspace ws = backward_workspace(cv, n, T, C, p.iterations, vec);
+  const InputGradPlan pl = input_grad_plan(n, T, C, vec);
+  const int nc = coef_count(n);
+  return dispatch_streams(n, [&](auto nn) {
+    constexpr int N = decltype(nn)::value;
+    coefficients_backward_token_kernel<N><<<ceil_div(T, 128), 128, 0, stream>>>(
+        n, T, C, p, coef, d_h_pre, d_h_post, d_H_res, ws.qb, ws.tok, ws.scratch, ws.scratch_len);
+    const dim3 grid(pl.blocks_x, pl.chunks);
+    const int threads = n * pl.groups;
+    if (pl.cv == 2)
+      input_grad_kernel<N, 2, S><<<grid, threads, 0, stream>>>(
+          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, accumulate,
+          pl.tokens_per_chunk, ws.dW_part);
+    else
+      input_grad_kernel<N, 1, S><<<grid, threads, 0, stream>>>(
+          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, accumulate,
+          pl.tokens_per_chunk, ws.dW_part);
+    const Index w_size = static_cast<Index>(n) * C * nc;
+    chunk_sum_kernel<<<elementwise_blocks(w_size), 256, 0, stream>>>(w_size, pl.chunks,
+                                                                     ws.dW_part, dW);
+    // tok rows are (dalpha (3), dbias (nc)): one column sum each, then split into the outputs.
+    column_sum_kernel<<<3, 256, 0, stream>>>(T, 3 + nc, ws.tok, d_alpha);
+    column_sum_kernel<<<nc, 256, 0, stream>>>(T, 3 + nc, ws.tok + 3, d_bias);
+    return last_launch_status();
+  });
+}
+
+template <typename S>
+inline Status check_grad_outputs(int n, Index T, Index C, const S* dX, Index lddx, const float* dW,
+                                 const float* d_alpha, const float* d_bias) {
+  MHC_CUDA_TRY(check_rows(dX, T * n, C, lddx));
+  if (!dW || !d_alpha || !d_bias) return Status::kInvalidArgument;
+  if (!aligned(dW, 4) || !aligned(d_alpha, 4) || !aligned(d_bias, 4))
+    return Status::kMisalignedPointer;
+  return Status::kSuccess;
+}
+
+/// With no tokens the parameter gradients are zero.
+inline Status zero_parameter_grads(int n, Index C, float* dW, float* d_alpha, float* d_bias,
+                                   cudaStream_t stream) {
+  const std::size_t nc = coef_count(n);
+  if (cudaMemsetAsync(dW, 0, static_cast<std::size_t>(n) * C * nc * sizeof(float), stream) !=
+          cudaSuccess ||
+      cudaMemsetAsync(d_alpha, 0, 3 * sizeof(float), stream) != cudaSuccess ||
+      cudaMemsetAsync(d_bias, 0, nc * sizeof(float), stream) != cudaSuccess)
+    return Status::kCudaError;
+  return Status::kSuccess;
+}
+
+}  // namespace detail
+
+/// Backward of coefficients_forward (spec section 3) given dh_pre, dh_post (T, n) and dH_res
+/// (T, n, n), fp32 dense:
+///   dX  = (accumulate ? dX : 0) + W (dz / r) - v (z . dz) / (n C r^2)     (T, n, C), stride lddx
+///   dW  = sum_t v^T (dz / r)                     (n C, n^2 + 2n), written (not accumulated)
+///   d_alpha (3), d_bias (n^2 + 2n) = sums over tokens, written.
+/// The Sinkhorn iterates are recomputed from z; all sums over tokens run in a fixed order.
+template <typename S>
+inline Status coefficients_backward(int n, Index T, Index C, const S* X, Index ldx,
+                                    const MappingParams& p, const ConstCoefficients& coef,
+                                    const float* d_h_pre, const float* d_h_post,
+                                    const float* d_H_res, S* dX, Index lddx, bool accumulate,
+                                    float* dW, float* d_alpha, float* d_bias, void* workspace,
+                                    std::size_t workspace_bytes, cudaStream_t stream = 0) {
+  static_assert(detail::is_storage_v<S>, "mhc::cuda: storage must be float or __nv_bfloat16");
+  using namespace detail;
+  MHC_CUDA_TRY(check_params(n, T, C, p));
+  MHC_CUDA_TRY(check_rows(X, T * n, C, ldx));
+  MHC_CUDA_TRY(check_coefficients(coef, T));
+  MHC_CUDA_TRY(check_grad_outputs(n, T, C, dX, lddx, dW, d_alpha, d_bias));
+  if (T > 0 && (!d_h_pre || !d_h_post || !d_H_res)) return Status::kInvalidArgument;
+  if (partial_overlap(dX, lddx, X, ldx, T * n, C) ||
+      (static_cast<const void*>(dX) == static_cast<const void*>(X) && T > 0))
+    return Status::kAliasing;
+  if (T == 0) return zero_parameter_grads(n, C, dW, d_alpha, d_bias, stream);
+  if (workspace_bytes < coefficients_backward_workspace_size(n, T, C, p.iterations))
+    return Status::kWorkspaceTooSmall;
+  if (!workspace) return Status::kInvalidArgument;
+  Carve cv(workspace);
+  return coefficients_backward_impl<S>(n, T, C, nullptr, 0, nullptr, 0, X, ldx, p, coef, d_h_pre,
+                                       d_h_post, d_H_res, dX, lddx, accumulate, dW, d_alpha,
+                                       d_bias, cv, stream);
+}
+
+}  // namespace mhc::cuda
