@@ -1,0 +1,483 @@
+// coefficients.hpp: the per-token mHC coefficients on the CPU, forward and backward (spec sections
+// 2.1-2.5 and 3; paper Eqs. 7-9). Per token, with v = vec(X_t) (v[i*C + c] = X_t[i][c], length nC)
+// and M = n^2 + 2n:
+//
+//   r = sqrt(sum(v^2) / (nC) + eps)                                  (Eq. 7, RMS norm)
+//   z = (v W) / r                                  (1, M)            (Eq. 7, gain folded into W)
+//   h_pre = sigmoid(alpha_pre z_pre + b_pre)       (n)               (Eq. 8)
+//   h_post = 2 sigmoid(alpha_post z_post + b_post) (n)
+//   H_res = SK(alpha_res z_res + b_res)            (n x n)           (Eq. 9, t_max iterations)
+//
+// v W and sum(v^2) come from ONE pass over X (8 tokens at a time, so each row of W read from
+// cache serves 8 tokens); the norm is applied after the product. The gates and Sinkhorn are the
+// shared MHC_HOST_DEVICE kernels of detail/coefficient_kernel.hpp (the CUDA operators use the
+// same ones).
+//
+// Backward (G_h = dL/dh_pre, dL/dh_post, dL/dH_res per token):
+//   dz = alpha * da  (gate + exact t_max-step Sinkhorn backward, recomputing its iterates from z)
+//   g = dz / r;   dW = sum_t v_t^T g_t;   dv_t = W g_t - v_t (z_t . g_t) / (nC r_t)   (d_X +=)
+//   d_alpha = sum_t sum(da_t * z_t) per group;   d_b = sum_t da_t.
+//
+// Cache: the forward writes r (T, 1) and z (T, M) (M + 1 values per token, caller-owned); the
+// backward reads them and recomputes the Sinkhorn iterates per token (no t_max * n^2 storage).
+// Workspace: the backward needs workspace_size(T, n, C) Real values from the caller (per-token
+// g, da, dalpha and a transposed copy of W); nothing is heap-allocated inside.
+// Determinism: per-token values are computed independently; the sums over tokens (dW, d_alpha,
+// d_b) run in token order for every output element, so results are bitwise identical for any
+// number of OpenMP threads.
+//
+// Static-only mode (W with zero rows): the coefficients are the gated biases (z = 0), computed
+// once into ONE output row that the mixing operators broadcast to all tokens; X, r and z are not
+// touched. Its backward sums the per-token coefficient gradients and runs the gate/Sinkhorn
+// backward once; d_X and d_W are untouched and no workspace is needed.
+#pragma once
+
+#include <cmath>
+
+#include "mhc/detail/coefficient_kernel.hpp"
+#include "mhc/detail/operator_support.hpp"
+
+namespace mhc {
+
+/// Parameters of one block's coefficient mappings (views, caller-owned), in the compute type.
+template <typename Real>
+struct CoefficientParams {
+  ConstBatchRef<Real> W;            ///< (n*C, n^2 + 2n), row i*C + c; zero rows: static-only mode
+  Eigen::Matrix<Real, 3, 1> alpha;  ///< (alpha_pre, alpha_post, alpha_res)
+  ConstVectorRef<Real> b_pre;       ///< (n)
+  ConstVectorRef<Real> b_post;      ///< (n)
+  ConstVectorRef<Real> b_res;       ///< (n*n), row-major n x n
+  int iterations = 20;              ///< Sinkhorn t_max, in [1, kMaxSinkhornIterations]
+  Real eps = Real(1e-6);            ///< eps_rms inside r, > 0
+};
+
+/// Parameter gradients (views, caller-owned; all overwritten by the backward).
+template <typename Real>
+struct CoefficientGrads {
+  BatchRef<Real> d_W;        ///< same shape as W (zero rows in static-only mode)
+  VectorRef<Real> d_alpha;   ///< (3)
+  VectorRef<Real> d_b_pre;   ///< (n)
+  VectorRef<Real> d_b_post;  ///< (n)
+  VectorRef<Real> d_b_res;   ///< (n*n)
+};
+
+namespace detail {
+
+template <typename Scalar, int N>
+struct CoefficientKernels {
+  using Real = compute_t<Scalar>;
+  static constexpr int kM = N == Dynamic ? Eigen::Dynamic : coefficient_count(N);
+  static constexpr int kMaxN = N == Dynamic ? kMaxStreams : N;
+  static constexpr int kMaxM = coefficient_count(kMaxN);
+  static constexpr int kTileTokens = 8;     // tokens per tile of the forward projection
+  static constexpr int kGradTileTokens = 4; // tokens per tile of the d_X pass
+  static constexpr int kPacket = Eigen::internal::packet_traits<Real>::size;
+  using Acc = Eigen::Array<Real, kM, 1, Eigen::ColMajor, kMaxM, 1>;    // (M) per token
+  using WRow = Eigen::Map<const Eigen::Array<Real, kM, 1>>;            // one row of W
+  using PacketTile = Eigen::Array<Real, kM, kPacket, Eigen::RowMajor, kMaxM, kPacket>;  // (M, P)
+
+  static GateParams<Real> gates(const CoefficientParams<Real>& p) {
+    return {p.alpha[0], p.alpha[1], p.alpha[2], p.b_pre.data(), p.b_post.data(), p.b_res.data()};
+  }
+
+  /// Forward for tokens [t0, t0 + TB): the projection and sum of squares in one pass over their
+  /// rows of X, then r, z and the coefficients per token.
+  template <int TB>
+  static void forward_tile(const ConstBatchRef<Scalar>& X, const CoefficientParams<Real>& p, int n_rt,
+                           Index t0, BatchRef<Real>& h_pre, BatchRef<Real>& h_post,
+                           BatchRef<Real>& H_res, BatchRef<Real>& r, BatchRef<Real>& z) {
+    const int n = N == Dynamic ? n_rt : N;
+    const Index C = X.cols();
+    const int M = coefficient_count(n);
+    const Index ldw = p.W.outerStride();
+    Acc acc[TB];
+    Real ss[TB];
+    for (int t = 0; t < TB; ++t) {
+      acc[t].setZero(M);
+      ss[t] = Real(0);
+    }
+    for (int i = 0; i < n; ++i) {
+      for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
+        constexpr int W = decltype(width_tag)::value;
+        const Real* v[TB];
+        [[maybe_unused]] Real converted[TB][kColumnBlock];
+        for (int t = 0; t < TB; ++t) {
+          const Scalar* src = detail::at(X, (t0 + t) * n + i, c0);
+          if constexpr (std::is_same<Scalar, Real>::value) {
+            v[t] = src;
+          } else {
+            Eigen::Map<Eigen::Array<Real, 1, W>>(converted[t], w) = load_row<Real, W>(src, w);
+            v[t] = converted[t];
+          }
+          ss[t] += Eigen::Map<const Eigen::Array<Real, 1, W>>(v[t], w).square().sum();
+        }
+        const Real* wk = detail::at(p.W, Index(i) * C + c0, 0);
+        for (Index c = 0; c < w; ++c, wk += ldw) {
+          const WRow wrow(wk, M);
+          for (int t = 0; t < TB; ++t) acc[t] += wrow * v[t][c];
+        }
+      });
+    }
+    const Real nC = Real(n) * Real(C);
+    Real A_scratch[kMaxN * kMaxN];
+    for (int t = 0; t < TB; ++t) {
+      const Index tok = t0 + t;
+      const Real mean_square = C > 0 ? ss[t] / nC : Real(0);
+      const Real rt = std::sqrt(mean_square + p.eps);
+      r(tok, 0) = rt;
+      Real* zt = detail::at(z, tok, 0);
+      Eigen::Map<Eigen::Array<Real, kM, 1>>(zt, M) = acc[t] / rt;
+      mhc_coefficients_forward<N>(n, p.iterations, static_cast<const Real*>(zt), gates(p),
+                                  detail::at(h_pre, tok, 0), detail::at(h_post, tok, 0), detail::at(H_res, tok, 0), A_scratch);
+    }
+  }
+
+  /// d_X += W g_t - v_t beta_t for tokens [t0, t0 + TB), with Wt = W^T (M, nC) contiguous,
+  /// g (T, ldg) and beta_t = (z_t . g_t) / (nC r_t).
+  template <int TB>
+  static void dx_tile(const ConstBatchRef<Scalar>& X, int n_rt, Index t0, const Real* Wt,
+                      const Real* g, Index ldg, const Real* beta, BatchRef<Scalar>& d_X) {
+    const int n = N == Dynamic ? n_rt : N;
+    const Index C = X.cols();
+    const Index nC = Index(n) * C;
+    const int M = coefficient_count(n);
+    for (int i = 0; i < n; ++i) {
+      for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
+        constexpr int W = decltype(width_tag)::value;
+        BlockRow<Real, W> acc[TB];
+        for (int t = 0; t < TB; ++t)
+          acc[t] = -beta[t] * load_row<Real, W>(detail::at(X, (t0 + t) * n + i, c0), w);
+        const Real* wt = Wt + Index(i) * C + c0;
+        for (int m = 0; m < M; ++m, wt += nC) {
+          const Eigen::Map<const Eigen::Array<Real, 1, W>> wm(wt, w);
+          for (int t = 0; t < TB; ++t) acc[t] += g[(t0 + t) * ldg + m] * wm;
+        }
+        for (int t = 0; t < TB; ++t) {
+          Scalar* dst = detail::at(d_X, (t0 + t) * n + i, c0);
+          store_row<W>(dst, w, load_row<Real, W>(dst, w) + acc[t]);
+        }
+      });
+    }
+  }
+
+  /// d_W rows [k0, k0 + w) (w <= kPacket, all in row i of X, columns c0..): sum over every token,
+  /// in token order, of v_t[k] g_t.
+  static void dw_block(const ConstBatchRef<Scalar>& X, int n_rt, int i, Index c0, Index w,
+                       const Real* g, Index ldg, BatchRef<Real>& d_W) {
+    const int n = N == Dynamic ? n_rt : N;
+    const Index T = X.rows() / n;
+    const int M = coefficient_count(n);
+    PacketTile acc(M, kPacket);
+    acc.setZero();
+    Eigen::Array<Real, 1, kPacket> v = Eigen::Array<Real, 1, kPacket>::Zero();
+    for (Index t = 0; t < T; ++t) {
+      const Scalar* src = detail::at(X, t * n + i, c0);
+      if (w == kPacket)
+        v = load_row<Real, kPacket>(src, kPacket);
+      else
+        v.head(w) = load_row<Real, Eigen::Dynamic>(src, w);
+      const Real* gt = g + t * ldg;
+      for (int m = 0; m < M; ++m) acc.row(m) += gt[m] * v;
+    }
+    const Index k0 = Index(i) * X.cols() + c0;
+    for (Index c = 0; c < w; ++c)
+      for (int m = 0; m < M; ++m) d_W(k0 + c, m) = acc(m, c);
+  }
+};
+
+}  // namespace detail
+
+/// The coefficient pipeline X -> (h_pre, h_post, H_res) of one mHC block, forward and backward.
+/// Scalar: storage type of X (float, double, bf16); everything else is in Real = compute_t<Scalar>.
+/// N: compile-time number of streams (mhc::Dynamic: taken from b_pre.size()).
+template <typename Scalar, int N = 4>
+struct Coefficients {
+  static_assert(detail::is_storage_scalar_v<Scalar>,
+                "mhc::Coefficients: Scalar must be float, double or bf16");
+  static_assert(N == Dynamic || (N >= 1 && N <= kMaxStreams), "mhc::Coefficients: N out of range");
+  using Real = compute_t<Scalar>;
+  using Params = CoefficientParams<Real>;
+  using Grads = CoefficientGrads<Real>;
+  static constexpr int kStreams = N;
+
+  /// Number of projection outputs per token, n^2 + 2n.
+  static constexpr Index projection_size(int n) { return detail::coefficient_count(n); }
+
+  /// Real values the backward needs in `workspace` for T tokens of n x C (0 when static_only).
+  static Index workspace_size(Index T, int n, Index C, bool static_only = false) {
+    if (static_only) return 0;
+    const Index M = projection_size(n);
+    return T * (2 * M + 3) + M * Index(n) * C;
+  }
+
+  /// Forward. X (T*n, C) Scalar. Outputs, Real: h_pre (T, n), h_post (T, n), H_res (T, n*n), and
+  /// the cache r (T, 1), z (T, n^2+2n). Static-only mode (p.W has zero rows): h_pre, h_post,
+  /// H_res have ONE row; X, r and z are ignored.
+  static void forward(const ConstBatchRef<Scalar>& X, const Params& p, BatchRef<Real> h_pre,
+                      BatchRef<Real> h_post, BatchRef<Real> H_res, BatchRef<Real> r,
+                      BatchRef<Real> z) {
+    constexpr const char* where = "Coefficients::forward";
+    const int n_rt = check_params(where, p);
+    const int n = N == Dynamic ? n_rt : N;
+    const Index M = projection_size(n);
+    using K = detail::CoefficientKernels<Scalar, N>;
+    if (is_static(p)) {
+      detail::check_batch(where, "h_pre", h_pre, 1, n);
+      detail::check_batch(where, "h_post", h_post, 1, n);
+      detail::check_batch(where, "H_res", H_res, 1, Index(n) * n);
+      check_outputs_disjoint(where, p, h_pre, h_post, H_res);
+      const Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1> zero =
+          Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1>::Zero(M);
+      Real A_scratch[K::kMaxN * K::kMaxN];
+      detail::mhc_coefficients_forward<N>(n, p.iterations, zero.data(), K::gates(p), h_pre.data(),
+                                          h_post.data(), H_res.data(), A_scratch);
+      return;
+    }
+    const Index T = check_x(where, X, n, p);
+    detail::check_batch(where, "h_pre", h_pre, T, n);
+    detail::check_batch(where, "h_post", h_post, T, n);
+    detail::check_batch(where, "H_res", H_res, T, Index(n) * n);
+    detail::check_batch(where, "r", r, T, 1);
+    detail::check_batch(where, "z", z, T, M);
+    check_outputs_disjoint(where, p, h_pre, h_post, H_res, r, z);
+    const auto outputs = {detail::byte_range(h_pre), detail::byte_range(h_post),
+                          detail::byte_range(H_res), detail::byte_range(r), detail::byte_range(z)};
+    for (const auto& o : outputs)
+      if (range_overlaps(o, detail::byte_range(X)))
+        detail::throw_invalid(where, "an output overlaps X");
+    constexpr int TB = K::kTileTokens;
+    const Index full_tiles = T / TB;
+    detail::parallel_for(full_tiles + (T - full_tiles * TB), [&](Index job) {
+      if (job < full_tiles)
+        K::template forward_tile<TB>(X, p, n, job * TB, h_pre, h_post, H_res, r, z);
+      else
+        K::template forward_tile<1>(X, p, n, full_tiles * TB + (job - full_tiles), h_pre, h_post,
+                                    H_res, r, z);
+    });
+  }
+
+  /// Backward. Inputs as the forward plus its cache r, z and the coefficient gradients
+  /// d_h_pre (T, n), d_h_post (T, n), d_H_res (T, n*n) (always one row per token). Writes
+  /// d_X += dL/dX through the coefficients (untouched in static-only mode) and overwrites every
+  /// gradient in `grads`. `workspace` holds at least workspace_size(T, n, C) values.
+  static void backward(const ConstBatchRef<Scalar>& X, const Params& p,
+                       const ConstBatchRef<Real>& r, const ConstBatchRef<Real>& z,
+                       const ConstBatchRef<Real>& d_h_pre, const ConstBatchRef<Real>& d_h_post,
+                       const ConstBatchRef<Real>& d_H_res, BatchRef<Scalar> d_X, Grads grads,
+                       VectorRef<Real> workspace) {
+    constexpr const char* where = "Coefficients::backward";
+    const int n_rt = check_params(where, p);
+    const int n = N == Dynamic ? n_rt : N;
+    const Index M = projection_size(n);
+    using K = detail::CoefficientKernels<Scalar, N>;
+    const Index T = d_h_pre.rows();
+    detail::check_batch(where, "d_h_pre", d_h_pre, T, n);
+    detail::check_batch(where, "d_h_post", d_h_post, T, n);
+    detail::check_batch(where, "d_H_res", d_H_res, T, Index(n) * n);
+    detail::check_batch(where, "grads.d_W", grads.d_W, p.W.rows(), p.W.cols());
+    detail::check_vector(where, "grads.d_alpha", grads.d_alpha, 3);
+    detail::check_vector(where, "grads.d_b_pre", grads.d_b_pre, n);
+    detail::check_vector(where, "grads.d_b_post", grads.d_b_post, n);
+    detail::check_vector(where, "grads.d_b_res", grads.d_b_res, Index(n) * n);
+    const bool static_only = is_static(p);
+    Index C = 0;
+    if (!static_only) {
+      if (check_x(where, X, n, p) != T)
+        detail::throw_invalid(where, "X has ", X.rows(), " rows, expected T*n = ", T * n);
+      C = X.cols();
+      detail::check_batch(where, "r", r, T, 1);
+      detail::check_batch(where, "z", z, T, M);
+      detail::check_batch(where, "d_X", d_X, T * n, C);
+    }
+    const Index ws = workspace_size(T, n, C, static_only);
+    if (workspace.size() < ws)
+      detail::throw_invalid(where, "workspace has ", workspace.size(), " values, needs ", ws);
+    if (ws > 0 && workspace.data() == nullptr) detail::throw_invalid(where, "workspace is null");
+    // Every writable view must be disjoint from every other view.
+    {
+      using detail::byte_range;
+      using detail::vector_bytes;
+      const std::pair<std::uintptr_t, std::uintptr_t> outs[] = {
+          byte_range(grads.d_W), byte_range(vector_bytes(grads.d_alpha)),
+          byte_range(vector_bytes(grads.d_b_pre)), byte_range(vector_bytes(grads.d_b_post)),
+          byte_range(vector_bytes(grads.d_b_res)),
+          static_only ? byte_range(grads.d_W) : byte_range(d_X),
+          {reinterpret_cast<std::uintptr_t>(workspace.data()),
+           reinterpret_cast<std::uintptr_t>(workspace.data() + ws)}};
+      const std::pair<std::uintptr_t, std::uintptr_t> ins[] = {
+          byte_range(p.W), byte_range(vector_bytes(p.b_pre)), byte_range(vector_bytes(p.b_post)),
+          byte_range(vector_bytes(p.b_res)), byte_range(d_h_pre), byte_range(d_h_post),
+          byte_range(d_H_res),
+          static_only ? byte_range(p.W) : byte_range(X),
+          static_only ? byte_range(p.W) : byte_range(r),
+          static_only ? byte_range(p.W) : byte_range(z)};
+      constexpr int kOuts = sizeof(outs) / sizeof(outs[0]);
+      for (int a = 0; a < kOuts; ++a) {
+        for (const auto& in : ins)
+          if (range_overlaps(outs[a], in))
+            detail::throw_invalid(where, "output #", a, " (d_W, d_alpha, d_b_pre, d_b_post, "
+                                  "d_b_res, d_X, workspace) overlaps an input");
+        for (int b = a + 1; b < kOuts; ++b)
+          if (range_overlaps(outs[a], outs[b]))
+            detail::throw_invalid(where, "outputs #", a, " and #", b,
+                                  " (d_W, d_alpha, d_b_pre, d_b_post, d_b_res, d_X, workspace) "
+                                  "overlap");
+      }
+    }
+    const auto gp = K::gates(p);
+    Real A_scratch[detail::coefficient_backward_scratch(K::kMaxN, kMaxSinkhornIterations)];
+    Real dz[K::kMaxM];
+    if (static_only) {
+      // The coefficients do not depend on the token: sum the gradients over tokens (token order),
+      // then one gate/Sinkhorn backward at z = 0.
+      Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1> dh =
+          Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1>::Zero(M);
+      for (Index t = 0; t < T; ++t) {
+        for (int i = 0; i < n; ++i) {
+          dh[i] += d_h_pre(t, i);
+          dh[n + i] += d_h_post(t, i);
+        }
+        for (Index k = 0; k < Index(n) * n; ++k) dh[2 * n + k] += d_H_res(t, k);
+      }
+      const Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1> zero =
+          Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1>::Zero(M);
+      grads.d_alpha.setZero();
+      grads.d_b_pre.setZero();
+      grads.d_b_post.setZero();
+      grads.d_b_res.setZero();
+      detail::mhc_coefficients_backward<N>(n, p.iterations, zero.data(), gp, dh.data(),
+                                           dh.data() + n, dh.data() + 2 * n, dz,
+                                           grads.d_alpha.data(), grads.d_b_pre.data(),
+                                           grads.d_b_post.data(), grads.d_b_res.data(), A_scratch);
+      return;
+    }
+    // Workspace layout: per token [g (M) | da (M) | dalpha (3)], then W^T (M, nC).
+    const Index ldg = 2 * M + 3;
+    Real* g = workspace.data();
+    Real* Wt = g + T * ldg;
+    const Index nC = Index(n) * C;
+    // Pass 1, per token: da and dz from the gate/Sinkhorn backward, g = dz / r.
+    detail::parallel_for(T, [&](Index t) {
+      Real* gt = g + t * ldg;
+      Real* da = gt + M;
+      Real* dalpha = da + M;
+      for (Index k = 0; k < M + 3; ++k) da[k] = Real(0);
+      Real scratch[detail::coefficient_backward_scratch(K::kMaxN, kMaxSinkhornIterations)];
+      Real dzt[K::kMaxM];
+      detail::mhc_coefficients_backward<N>(n, p.iterations, detail::at(z, t, 0), gp, detail::at(d_h_pre, t, 0),
+                                           detail::at(d_h_post, t, 0), detail::at(d_H_res, t, 0), dzt, dalpha, da,
+                                           da + n, da + 2 * n, scratch);
+      const Real inv_r = Real(1) / r(t, 0);
+      for (Index m = 0; m < M; ++m) gt[m] = dzt[m] * inv_r;
+    });
+    // Parameter sums over tokens, in token order.
+    grads.d_alpha.setZero();
+    grads.d_b_pre.setZero();
+    grads.d_b_post.setZero();
+    grads.d_b_res.setZero();
+    for (Index t = 0; t < T; ++t) {
+      const Real* da = g + t * ldg + M;
+      for (int a = 0; a < 3; ++a) grads.d_alpha[a] += da[M + a];
+      for (int i = 0; i < n; ++i) {
+        grads.d_b_pre[i] += da[i];
+        grads.d_b_post[i] += da[n + i];
+      }
+      for (Index k = 0; k < Index(n) * n; ++k) grads.d_b_res[k] += da[2 * n + k];
+    }
+    // W^T (M, nC) so that the d_X pass streams rows of it.
+    detail::parallel_for(M, [&](Index m) {
+      for (Index k = 0; k < nC; ++k) Wt[m * nC + k] = p.W(k, m);
+    });
+    // Pass 2, per token tile: d_X += W g_t - v_t (z_t . g_t) / (nC r_t).
+    constexpr int TB = K::kGradTileTokens;
+    const Index full_tiles = T / TB;
+    detail::parallel_for(full_tiles + (T - full_tiles * TB), [&](Index job) {
+      const bool full = job < full_tiles;
+      const Index t0 = full ? job * TB : full_tiles * TB + (job - full_tiles);
+      Real beta[TB];
+      for (int t = 0; t < (full ? TB : 1); ++t) {
+        const Index tok = t0 + t;
+        Real zg = Real(0);
+        for (Index m = 0; m < M; ++m) zg += z(tok, m) * g[tok * ldg + m];
+        beta[t] = zg / (Real(nC) * r(tok, 0));
+      }
+      if (full)
+        K::template dx_tile<TB>(X, n, t0, Wt, g, ldg, beta, d_X);
+      else
+        K::template dx_tile<1>(X, n, t0, Wt, g, ldg, beta, d_X);
+    });
+    // Pass 3, per packet of W rows: d_W = sum_t v_t^T g_t (token order per element).
+    const Index blocks_per_row = (C + K::kPacket - 1) / K::kPacket;
+    detail::parallel_for(Index(n) * blocks_per_row, [&](Index job) {
+      const int i = static_cast<int>(job / blocks_per_row);
+      const Index c0 = (job % blocks_per_row) * K::kPacket;
+      K::dw_block(X, n, i, c0, std::min<Index>(K::kPacket, C - c0), g, ldg, grads.d_W);
+    });
+  }
+
+ private:
+  static bool is_static(const Params& p) { return p.W.rows() == 0; }
+
+  static bool range_overlaps(const std::pair<std::uintptr_t, std::uintptr_t>& a,
+                             const std::pair<std::uintptr_t, std::uintptr_t>& b) {
+    if (a.first == a.second || b.first == b.second) return false;
+    return a.first < b.second && b.first < a.second;
+  }
+
+  /// Validates the parameters; returns n.
+  static int check_params(const char* where, const Params& p) {
+    const int n = static_cast<int>(p.b_pre.size());
+    detail::check_static_streams<N>(where, n);
+    detail::check_vector(where, "b_pre", p.b_pre, n);
+    detail::check_vector(where, "b_post", p.b_post, n);
+    detail::check_vector(where, "b_res", p.b_res, Index(n) * n);
+    if (p.iterations < 1 || p.iterations > kMaxSinkhornIterations)
+      detail::throw_invalid(where, "iterations = ", p.iterations, " is out of range [1, ",
+                            kMaxSinkhornIterations, "]");
+    if (!(p.eps > Real(0)) || !std::isfinite(p.eps))
+      detail::throw_invalid(where, "eps = ", p.eps, " must be positive and finite");
+    detail::check_finite(where, "alpha", p.alpha);
+    detail::check_finite(where, "b_pre", p.b_pre);
+    detail::check_finite(where, "b_post", p.b_post);
+    detail::check_finite(where, "b_res", p.b_res);
+    if (p.W.rows() != 0) {
+      if (p.W.cols() != projection_size(n))
+        detail::throw_invalid(where, "W has ", p.W.cols(), " columns, expected n^2 + 2n = ",
+                              projection_size(n));
+      detail::check_batch(where, "W", p.W, p.W.rows(), p.W.cols());
+    }
+    return n;
+  }
+
+  /// Validates X against n and W; returns T.
+  static Index check_x(const char* where, const ConstBatchRef<Scalar>& X, int n, const Params& p) {
+    if (X.rows() % n != 0)
+      detail::throw_invalid(where, "X has ", X.rows(), " rows, not a multiple of n = ", n);
+    const Index T = X.rows() / n;
+    detail::check_batch(where, "X", X, T * n, X.cols());
+    if (p.W.rows() != Index(n) * X.cols())
+      detail::throw_invalid(where, "W has ", p.W.rows(), " rows, expected n*C = ", n, "*",
+                            X.cols(), " = ", Index(n) * X.cols());
+    return T;
+  }
+
+  template <typename... Outs>
+  static void check_outputs_disjoint(const char* where, const Params& p, const Outs&... outs) {
+    const std::pair<std::uintptr_t, std::uintptr_t> o[] = {detail::byte_range(outs)...};
+    const std::pair<std::uintptr_t, std::uintptr_t> in[] = {
+        detail::byte_range(p.W), detail::byte_range(detail::vector_bytes(p.b_pre)),
+        detail::byte_range(detail::vector_bytes(p.b_post)),
+        detail::byte_range(detail::vector_bytes(p.b_res))};
+    constexpr int kOuts = sizeof...(Outs);
+    for (int a = 0; a < kOuts; ++a) {
+      for (const auto& i : in)
+        if (range_overlaps(o[a], i))
+          detail::throw_invalid(where, "output #", a, " (h_pre, h_post, H_res, r, z) overlaps a parameter");
+      for (int b = a + 1; b < kOuts; ++b)
+        if (range_overlaps(o[a], o[b]))
+          detail::throw_invalid(where, "outputs #", a, " and #", b, " (h_pre, h_post, H_res, r, z) overlap");
+    }
+  }
+};
+
+}  // namespace mhc

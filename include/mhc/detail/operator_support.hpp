@@ -1,0 +1,132 @@
+// detail/operator_support.hpp: what the CPU batch operators (coefficients.hpp, mixing.hpp) share:
+// vector views, storage <-> compute conversion of one row
+// segment, the column blocking, and the OpenMP loop over tokens.
+//
+// Determinism: every loop run through parallel_for gives each iteration its own outputs and a
+// fixed order of arithmetic that does not depend on which thread runs it or how many threads
+// there are, so results are bitwise identical for any OMP_NUM_THREADS.
+#pragma once
+
+#include <Eigen/Core>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "mhc/detail/check.hpp"
+#include "mhc/types.hpp"
+
+namespace mhc {
+
+/// Contiguous read-only / writable vector views (parameters, biases, workspaces).
+template <typename Real>
+using ConstVectorRef = Eigen::Ref<const Eigen::Matrix<Real, Eigen::Dynamic, 1>>;
+template <typename Real>
+using VectorRef = Eigen::Ref<Eigen::Matrix<Real, Eigen::Dynamic, 1>>;
+
+namespace detail {
+
+template <typename Scalar>
+inline constexpr bool is_storage_scalar_v = std::is_same<Scalar, float>::value ||
+                                            std::is_same<Scalar, double>::value ||
+                                            std::is_same<Scalar, bf16>::value;
+
+/// Columns per tile of the streaming kernels (a few SIMD packets; one tile of n rows stays in L1).
+inline constexpr int kColumnBlock = 64;
+
+/// One row segment of up to kColumnBlock columns in the compute type; Width is kColumnBlock for
+/// full blocks and Dynamic for the tail.
+template <typename Real, int Width>
+using BlockRow = Eigen::Array<Real, 1, Width, Eigen::RowMajor, 1, kColumnBlock>;
+
+/// n rows of one block (n fixed when N > 0, else at most kMaxStreams rows; never heap-allocated).
+template <typename Real, int N, int Width>
+using BlockTile = Eigen::Array<Real, N == Dynamic ? Eigen::Dynamic : N, Width, Eigen::RowMajor,
+                               N == Dynamic ? kMaxStreams : N, kColumnBlock>;
+
+/// Calls block(c0, width_tag, w) for the full kColumnBlock-wide blocks of [0, C) and then the tail;
+/// width_tag is std::integral_constant<int, kColumnBlock or Dynamic>.
+template <typename F>
+inline void for_each_column_block(Index C, F&& block) {
+  Index c0 = 0;
+  for (; c0 + kColumnBlock <= C; c0 += kColumnBlock)
+    block(c0, std::integral_constant<int, kColumnBlock>{}, Index(kColumnBlock));
+  if (c0 < C) block(c0, std::integral_constant<int, Eigen::Dynamic>{}, C - c0);
+}
+
+/// w storage elements at src as a compute-type row.
+template <typename Real, int Width, typename Scalar>
+inline auto load_row(const Scalar* src, Index w) {
+  return Eigen::Map<const Eigen::Array<Scalar, 1, Width>>(src, w).template cast<Real>();
+}
+
+/// Stores a compute-type row expression into w storage elements (rounded to nearest for bf16).
+template <int Width, typename Scalar, typename Expr>
+inline void store_row(Scalar* dst, Index w, const Expr& row) {
+  Eigen::Map<Eigen::Array<Scalar, 1, Width>>(dst, w) = row.template cast<Scalar>();
+}
+
+/// Address of element (r, c) of a row-major view.
+template <typename View>
+inline auto at(View&& v, Index r, Index c) {
+  return v.data() + r * v.outerStride() + c;
+}
+
+/// Row index of a coefficient view that holds either one row per token or one row for all.
+template <typename View>
+inline Index coefficient_row(const View& v, Index t) {
+  return v.rows() == 1 ? 0 : t;
+}
+
+/// body(i) for i in [0, count): on the OpenMP team when there is one and we are not already inside
+/// a parallel region, else serially. Iterations must write disjoint outputs.
+template <typename F>
+inline void parallel_for(Index count, F&& body) {
+#ifdef _OPENMP
+  if (count > 1 && !omp_in_parallel()) {
+#pragma omp parallel for schedule(static)
+    for (Index i = 0; i < count; ++i) body(i);
+    return;
+  }
+#endif
+  for (Index i = 0; i < count; ++i) body(i);
+}
+
+/// A coefficient view (h_pre, h_post, H_res): `cols` columns and T rows, or one row shared by all
+/// T tokens.
+template <typename View>
+inline void check_coefficients(const char* where, const char* name, const View& v, Index T,
+                               Index cols) {
+  const Index rows = v.rows() == 1 ? 1 : T;
+  if (v.rows() != rows || v.cols() != cols)
+    throw_invalid(where, name, " has shape (", v.rows(), ", ", v.cols(), "), expected (", T,
+                  ", ", cols, ") or (1, ", cols, ")");
+  check_batch(where, name, v, rows, cols);
+}
+
+/// A contiguous vector of `size` elements, non-null when non-empty.
+template <typename View>
+inline void check_vector(const char* where, const char* name, const View& v, Index size) {
+  if (v.size() != size)
+    throw_invalid(where, name, " has ", v.size(), " elements, expected ", size);
+  if (size > 0 && v.data() == nullptr) throw_invalid(where, name, " is null but has ", size, " elements");
+}
+
+/// Byte range of a contiguous vector view, for the overlap checks.
+template <typename Vec>
+struct VectorBytes {
+  using Scalar = typename Vec::Scalar;
+  const Vec& v;
+  const Scalar* data() const { return v.data(); }
+  Index rows() const { return v.size(); }
+  Index cols() const { return 1; }
+  Index outerStride() const { return 1; }
+};
+template <typename Vec>
+inline VectorBytes<Vec> vector_bytes(const Vec& v) {
+  return {v};
+}
+
+}  // namespace detail
+}  // namespace mhc

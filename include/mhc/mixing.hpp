@@ -1,0 +1,215 @@
+// mixing.hpp: the two residual-stream mixings of an mHC block on the CPU, forward and backward
+// (spec sections 2.6, 2.7 and 3; paper Eq. 3):
+//
+//   PreMix   u  = h_pre^T X              u[c]     = sum_i h_pre[i] X[i][c]
+//   Update   X' = H_res X + h_post y^T   X'[i][c] = sum_j H_res[i][j] X[j][c] + h_post[i] y[c]
+//
+// Shapes, per batch of T tokens (storage Scalar in {float, double, bf16}, Real = compute_t<Scalar>):
+//   X, X', d_X : (T*n, C) Scalar, row t*n+i is stream i of token t; rows may be padded
+//   u, y, d_u, d_y : (T, C) Scalar
+//   h_pre, h_post : (T, n) Real;  H_res : (T, n*n) Real, row-major n x n per token.
+//   A coefficient input may instead have ONE row, shared by every token (static-only mode).
+//   Coefficient gradients are always per token: (T, n) and (T, n*n).
+// Every value is loaded to Real, combined in Real and rounded once when stored. Nothing is cached
+// between forward and backward: the backward re-reads X (and y). Threading: OpenMP over tokens,
+// each token's arithmetic is fixed, so results are bitwise identical for any thread count.
+// No heap allocation: tiles of n x 64 values live on the stack.
+#pragma once
+
+#include "mhc/detail/operator_support.hpp"
+
+namespace mhc {
+
+/// Layer input u = h_pre^T X and its backward.
+template <typename Scalar, int N = 4>
+struct PreMix {
+  static_assert(detail::is_storage_scalar_v<Scalar>, "mhc::PreMix: Scalar must be float, double or bf16");
+  static_assert(N == Dynamic || (N >= 1 && N <= kMaxStreams), "mhc::PreMix: N out of range");
+  using Real = compute_t<Scalar>;
+  static constexpr int kStreams = N;
+  static constexpr int kMaxN = N == Dynamic ? kMaxStreams : N;
+
+  /// u (T, C) = h_pre^T X per token. X (T*n, C); h_pre (T, n) or (1, n); u must not overlap X.
+  static void forward(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Real>& h_pre,
+                      BatchRef<Scalar> u) {
+    constexpr const char* where = "PreMix::forward";
+    const int n_rt = static_cast<int>(h_pre.cols());
+    const Index T = u.rows(), C = u.cols();
+    detail::check_static_streams<N>(where, n_rt);
+    const int n = N == Dynamic ? n_rt : N;
+    detail::check_batch(where, "X", X, T * n, C);
+    detail::check_coefficients(where, "h_pre", h_pre, T, n);
+    detail::check_batch(where, "u", u, T, C);
+    detail::check_no_overlap(where, "u", u, "X", X);
+    detail::check_no_overlap(where, "u", u, "h_pre", h_pre);
+    detail::parallel_for(T, [&](Index t) {
+      const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
+      detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
+        constexpr int W = decltype(width_tag)::value;
+        detail::BlockRow<Real, W> acc = hp[0] * detail::load_row<Real, W>(detail::at(X, t * n, c0), w);
+        for (int i = 1; i < n; ++i) acc += hp[i] * detail::load_row<Real, W>(detail::at(X, t * n + i, c0), w);
+        detail::store_row<W>(detail::at(u, t, c0), w, acc);
+      });
+    });
+  }
+
+  /// Backward: d_X += h_pre d_u^T (accumulated), d_h_pre (T, n) = X d_u (overwritten).
+  /// d_X must not overlap X, d_u or d_h_pre.
+  static void backward(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Real>& h_pre,
+                       const ConstBatchRef<Scalar>& d_u, BatchRef<Scalar> d_X,
+                       BatchRef<Real> d_h_pre) {
+    constexpr const char* where = "PreMix::backward";
+    const int n_rt = static_cast<int>(h_pre.cols());
+    const Index T = d_u.rows(), C = d_u.cols();
+    detail::check_static_streams<N>(where, n_rt);
+    const int n = N == Dynamic ? n_rt : N;
+    detail::check_batch(where, "X", X, T * n, C);
+    detail::check_coefficients(where, "h_pre", h_pre, T, n);
+    detail::check_batch(where, "d_u", d_u, T, C);
+    detail::check_batch(where, "d_X", d_X, T * n, C);
+    detail::check_batch(where, "d_h_pre", d_h_pre, T, n);
+    detail::check_no_overlap(where, "d_X", d_X, "X", X);
+    detail::check_no_overlap(where, "d_X", d_X, "d_u", d_u);
+    detail::check_no_overlap(where, "d_X", d_X, "h_pre", h_pre);
+    detail::check_no_overlap(where, "d_h_pre", d_h_pre, "d_X", d_X);
+    detail::check_no_overlap(where, "d_h_pre", d_h_pre, "X", X);
+    detail::check_no_overlap(where, "d_h_pre", d_h_pre, "d_u", d_u);
+    detail::check_no_overlap(where, "d_h_pre", d_h_pre, "h_pre", h_pre);
+    detail::parallel_for(T, [&](Index t) {
+      const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
+      Real dhp[kMaxN] = {};
+      detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
+        constexpr int W = decltype(width_tag)::value;
+        const detail::BlockRow<Real, W> du = detail::load_row<Real, W>(detail::at(d_u, t, c0), w);
+        for (int i = 0; i < n; ++i) {
+          const Index row = t * n + i;
+          dhp[i] += (detail::load_row<Real, W>(detail::at(X, row, c0), w) * du).sum();
+          detail::store_row<W>(detail::at(d_X, row, c0), w,
+                               detail::load_row<Real, W>(detail::at(d_X, row, c0), w) + hp[i] * du);
+        }
+      });
+      for (int i = 0; i < n; ++i) d_h_pre(t, i) = dhp[i];
+    });
+  }
+};
+
+/// Residual update X' = H_res X + h_post y^T and its backward.
+template <typename Scalar, int N = 4>
+struct Update {
+  static_assert(detail::is_storage_scalar_v<Scalar>, "mhc::Update: Scalar must be float, double or bf16");
+  static_assert(N == Dynamic || (N >= 1 && N <= kMaxStreams), "mhc::Update: N out of range");
+  using Real = compute_t<Scalar>;
+  static constexpr int kStreams = N;
+  static constexpr int kMaxN = N == Dynamic ? kMaxStreams : N;
+
+  /// X_out (T*n, C) = H_res X + h_post y^T per token. X_out may be X itself (same data and row
+  /// stride: in-place update; each token's n rows are read, per 64-column block, before any of
+  /// them is written) but must not partially overlap it, nor overlap y or the coefficients.
+  static void forward(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Real>& H_res,
+                      const ConstBatchRef<Real>& h_post, const ConstBatchRef<Scalar>& y,
+                      BatchRef<Scalar> X_out) {
+    constexpr const char* where = "Update::forward";
+    const int n_rt = static_cast<int>(h_post.cols());
+    const Index T = y.rows(), C = y.cols();
+    detail::check_static_streams<N>(where, n_rt);
+    const int n = N == Dynamic ? n_rt : N;
+    detail::check_batch(where, "X", X, T * n, C);
+    detail::check_coefficients(where, "H_res", H_res, T, Index(n) * n);
+    detail::check_coefficients(where, "h_post", h_post, T, n);
+    detail::check_batch(where, "y", y, T, C);
+    detail::check_batch(where, "X_out", X_out, T * n, C);
+    detail::check_same_or_disjoint(where, "X_out", X_out, "X", X);
+    detail::check_no_overlap(where, "X_out", X_out, "y", y);
+    detail::check_no_overlap(where, "X_out", X_out, "H_res", H_res);
+    detail::check_no_overlap(where, "X_out", X_out, "h_post", h_post);
+    detail::parallel_for(T, [&](Index t) {
+      const Real* H = H_res.row(detail::coefficient_row(H_res, t)).data();
+      const Real* hq = h_post.row(detail::coefficient_row(h_post, t)).data();
+      detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
+        constexpr int W = decltype(width_tag)::value;
+        detail::BlockTile<Real, N, W> x(n, w);  // (n, w): token t's streams, this block
+        for (int j = 0; j < n; ++j) x.row(j) = detail::load_row<Real, W>(detail::at(X, t * n + j, c0), w);
+        const detail::BlockRow<Real, W> yr = detail::load_row<Real, W>(detail::at(y, t, c0), w);
+        for (int i = 0; i < n; ++i) {
+          detail::BlockRow<Real, W> acc = hq[i] * yr;
+          for (int j = 0; j < n; ++j) acc += H[i * n + j] * x.row(j);
+          detail::store_row<W>(detail::at(X_out, t * n + i, c0), w, acc);
+        }
+      });
+    });
+  }
+
+  /// Backward with G = d_X_out: d_X = H_res^T G (overwritten; d_X may be d_X_out itself, same
+  /// rule as forward), d_y = G^T h_post, d_H_res (T, n*n) = G X^T, d_h_post (T, n) = G y.
+  static void backward(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Real>& H_res,
+                       const ConstBatchRef<Real>& h_post, const ConstBatchRef<Scalar>& y,
+                       const ConstBatchRef<Scalar>& d_X_out, BatchRef<Scalar> d_X,
+                       BatchRef<Real> d_H_res, BatchRef<Real> d_h_post, BatchRef<Scalar> d_y) {
+    constexpr const char* where = "Update::backward";
+    const int n_rt = static_cast<int>(h_post.cols());
+    const Index T = y.rows(), C = y.cols();
+    detail::check_static_streams<N>(where, n_rt);
+    const int n = N == Dynamic ? n_rt : N;
+    detail::check_batch(where, "X", X, T * n, C);
+    detail::check_coefficients(where, "H_res", H_res, T, Index(n) * n);
+    detail::check_coefficients(where, "h_post", h_post, T, n);
+    detail::check_batch(where, "y", y, T, C);
+    detail::check_batch(where, "d_X_out", d_X_out, T * n, C);
+    detail::check_batch(where, "d_X", d_X, T * n, C);
+    detail::check_batch(where, "d_H_res", d_H_res, T, Index(n) * n);
+    detail::check_batch(where, "d_h_post", d_h_post, T, n);
+    detail::check_batch(where, "d_y", d_y, T, C);
+    detail::check_same_or_disjoint(where, "d_X", d_X, "d_X_out", d_X_out);
+    detail::check_no_overlap(where, "d_X", d_X, "X", X);
+    detail::check_no_overlap(where, "d_X", d_X, "y", y);
+    detail::check_no_overlap(where, "d_y", d_y, "X", X);
+    detail::check_no_overlap(where, "d_y", d_y, "y", y);
+    detail::check_no_overlap(where, "d_y", d_y, "d_X_out", d_X_out);
+    detail::check_no_overlap(where, "d_y", d_y, "d_X", d_X);
+    detail::check_no_overlap(where, "d_H_res", d_H_res, "d_h_post", d_h_post);
+    const auto check_coefficient_grad = [&](const char* name, const BatchRef<Real>& g) {
+      detail::check_no_overlap(where, name, g, "X", X);
+      detail::check_no_overlap(where, name, g, "y", y);
+      detail::check_no_overlap(where, name, g, "d_X_out", d_X_out);
+      detail::check_no_overlap(where, name, g, "d_X", d_X);
+      detail::check_no_overlap(where, name, g, "d_y", d_y);
+      detail::check_no_overlap(where, name, g, "H_res", H_res);
+      detail::check_no_overlap(where, name, g, "h_post", h_post);
+    };
+    check_coefficient_grad("d_H_res", d_H_res);
+    check_coefficient_grad("d_h_post", d_h_post);
+    detail::parallel_for(T, [&](Index t) {
+      const Real* H = H_res.row(detail::coefficient_row(H_res, t)).data();
+      const Real* hq = h_post.row(detail::coefficient_row(h_post, t)).data();
+      Real dH[kMaxN * kMaxN] = {};  // sum_c G[i][c] X[j][c]
+      Real dhq[kMaxN] = {};         // sum_c G[i][c] y[c]
+      detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
+        constexpr int W = decltype(width_tag)::value;
+        detail::BlockTile<Real, N, W> g(n, w);  // (n, w) rows of G for token t
+        for (int i = 0; i < n; ++i) g.row(i) = detail::load_row<Real, W>(detail::at(d_X_out, t * n + i, c0), w);
+        const detail::BlockRow<Real, W> yr = detail::load_row<Real, W>(detail::at(y, t, c0), w);
+        detail::BlockRow<Real, W> dy = hq[0] * g.row(0);
+        dhq[0] += (g.row(0) * yr).sum();
+        for (int i = 1; i < n; ++i) {
+          dy += hq[i] * g.row(i);
+          dhq[i] += (g.row(i) * yr).sum();
+        }
+        detail::store_row<W>(detail::at(d_y, t, c0), w, dy);
+        for (int j = 0; j < n; ++j) {
+          const detail::BlockRow<Real, W> x = detail::load_row<Real, W>(detail::at(X, t * n + j, c0), w);
+          detail::BlockRow<Real, W> dx = H[j] * g.row(0);
+          dH[j] += (g.row(0) * x).sum();
+          for (int i = 1; i < n; ++i) {
+            dx += H[i * n + j] * g.row(i);
+            dH[i * n + j] += (g.row(i) * x).sum();
+          }
+          detail::store_row<W>(detail::at(d_X, t * n + j, c0), w, dx);
+        }
+      });
+      for (int k = 0; k < n * n; ++k) d_H_res(t, k) = dH[k];
+      for (int i = 0; i < n; ++i) d_h_post(t, i) = dhq[i];
+    });
+  }
+};
+
+}  // namespace mhc

@@ -1,0 +1,244 @@
+// Coefficients (X -> r, z, h_pre, h_post, H_res): forward against the definition of spec 2.1-2.5
+// written independently in double, backward against central finite differences in double for X,
+// W, alpha (3), b_pre, b_post and b_res; static-only mode; argument errors.
+#include "support/catch.hpp"
+#include "support/ops_testing.hpp"
+
+using namespace mhc_test;
+using mhc::Index;
+
+namespace {
+
+struct Shape {
+  int n;
+  Index C, T;
+};
+const Shape kShapes[] = {{1, 1, 1}, {1, 257, 5}, {2, 3, 33}, {2, 64, 1}, {4, 1, 5},
+                         {4, 64, 33}, {4, 257, 1}, {8, 3, 5},  {8, 257, 5}, {8, 64, 1}};
+
+/// The library's forward in double for the given inputs (loss evaluations use the reference).
+struct Run {
+  RowMat<double> h_pre, h_post, H_res, r, z;
+};
+template <int N>
+Run run_forward(const RowMat<double>& X, const CoefParamsD& pd, int n, Index pad = 0) {
+  const bool is_static = pd.W.rows() == 0;
+  const Index T = X.rows() / n, R = is_static ? 1 : T;
+  CoefParamsView<double> pv(pd);
+  Padded<double> Xp(X.rows(), X.cols(), pad);
+  Xp.assign(X);
+  Run o;
+  o.h_pre.resize(R, n);
+  o.h_post.resize(R, n);
+  o.H_res.resize(R, Index(n) * n);
+  o.r.resize(is_static ? 0 : T, 1);
+  o.z.resize(is_static ? 0 : T, Index(n) * n + 2 * n);
+  mhc::Coefficients<double, N>::forward(Xp.cview(), pv.params, o.h_pre, o.h_post, o.H_res, o.r, o.z);
+  return o;
+}
+
+template <int N>
+void gradient_case(const Shape& s, bool is_static, bool near_identity) {
+  const int n = s.n;
+  const auto seed = fresh_seed();
+  CAPTURE(seed, n, s.C, s.T, N, is_static, near_identity);
+  Rng rng(seed);
+  const Index M = Index(n) * n + 2 * n;
+  const RowMat<double> X = random_matrix(rng, s.T * n, s.C);
+  CoefParamsD p = random_coef_params(rng, n, s.C, is_static);
+  if (near_identity)  // the documented fresh-block init: H_res close to the identity
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) p.b_res[i * n + j] = i == j ? 3.0 : -3.0;
+
+  // Forward against the reference.
+  const Index pad = s.C % 2 == 1 ? 3 : 0;
+  const Run run = run_forward<N>(X, p, n, pad);
+  const CoefOutD ref = coefficients_ref(X, p, n);
+  CHECK((run.h_pre - ref.h_pre).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((run.h_post - ref.h_post).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((run.H_res - ref.H_res).cwiseAbs().maxCoeff() < 1e-12);
+  if (!is_static) {
+    CHECK((run.r - ref.r).cwiseAbs().maxCoeff() < 1e-12);
+    CHECK((run.z - ref.z).cwiseAbs().maxCoeff() < 1e-11);
+  }
+
+  // Backward.
+  const RowMat<double> Gp = random_matrix(rng, s.T, n), Gq = random_matrix(rng, s.T, n),
+                       GH = random_matrix(rng, s.T, Index(n) * n);
+  // Per-token cotangents; with one static row the loss sees the row once per token.
+  const auto expand = [&](const RowMat<double>& row) {
+    RowMat<double> e(s.T, row.cols());
+    for (Index t = 0; t < s.T; ++t) e.row(t) = row.row(row.rows() == 1 ? 0 : t);
+    return e;
+  };
+  const auto loss_of = [&](const RowMat<double>& x, const CoefParamsD& q) {
+    const CoefOutD o = coefficients_ref(x, q, n);
+    return dot(Gp, expand(o.h_pre)) + dot(Gq, expand(o.h_post)) + dot(GH, expand(o.H_res));
+  };
+  CoefParamsView<double> pv(p);
+  Padded<double> Xp(X.rows(), X.cols(), pad), dXp(X.rows(), X.cols(), pad);
+  Xp.assign(X);
+  const RowMat<double> D0 = random_matrix(rng, X.rows(), X.cols());
+  dXp.assign(D0);
+  RowMat<double> dW(p.W.rows(), M);
+  Eigen::VectorXd d_alpha(3), db_pre(n), db_post(n), db_res(Index(n) * n);
+  using Op = mhc::Coefficients<double, N>;
+  Eigen::VectorXd ws(Op::workspace_size(s.T, n, s.C, is_static));
+  Op::backward(Xp.cview(), pv.params, run.r, run.z, Gp, Gq, GH, dXp.view(),
+               {dW, d_alpha, db_pre, db_post, db_res}, ws);
+
+  if (is_static) {
+    CHECK(dXp.to_double() == D0);  // static coefficients do not depend on X
+  } else {
+    const RowMat<double> dX = dXp.to_double() - D0;
+    const auto gX = check_gradient(
+        [&](const Eigen::VectorXd& v) { return loss_of(unflat(v, X.rows(), X.cols()), p); },
+        flat(X), flat(dX), rng, 1e-6, 60);
+    CAPTURE(gX.worst, gX.analytic, gX.numeric);
+    CHECK(gX.max_error < 1e-6);
+    const auto gW = check_gradient(
+        [&](const Eigen::VectorXd& v) {
+          CoefParamsD q = p;
+          q.W = unflat(v, p.W.rows(), M);
+          return loss_of(X, q);
+        },
+        flat(p.W), flat(dW), rng, 1e-6, 60);
+    CAPTURE(gW.worst, gW.analytic, gW.numeric);
+    CHECK(gW.max_error < 1e-6);
+  }
+  const auto check_vec = [&](const char* what, const Eigen::VectorXd& x0, const Eigen::VectorXd& g,
+                             auto set) {
+    const auto r = check_gradient(
+        [&](const Eigen::VectorXd& v) {
+          CoefParamsD q = p;
+          set(q, v);
+          return loss_of(X, q);
+        },
+        x0, g, rng);
+    CAPTURE(what, r.worst, r.analytic, r.numeric);
+    CHECK(r.max_error < 1e-6);
+  };
+  check_vec("alpha", p.alpha, d_alpha, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.alpha = v; });
+  check_vec("b_pre", p.b_pre, db_pre, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_pre = v; });
+  check_vec("b_post", p.b_post, db_post, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_post = v; });
+  check_vec("b_res", p.b_res, db_res, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_res = v; });
+  if (is_static) CHECK(d_alpha.isZero(0));  // z = 0: alpha has no effect
+}
+
+template <int N>
+void run_shape(const Shape& s) {
+  gradient_case<N>(s, false, false);
+  gradient_case<N>(s, true, false);
+}
+
+}  // namespace
+
+TEST_CASE("Coefficients: forward matches the definition, backward matches finite differences",
+          "[coefficients]") {
+  for (const Shape& s : kShapes) {
+    run_shape<mhc::Dynamic>(s);
+    switch (s.n) {
+      case 1: run_shape<1>(s); break;
+      case 2: run_shape<2>(s); break;
+      case 4: run_shape<4>(s); break;
+      case 8: run_shape<8>(s); break;
+    }
+  }
+  gradient_case<4>({4, 64, 5}, false, true);
+}
+
+TEST_CASE("Coefficients: rows of H_res sum to one, h_pre in (0, 1), h_post in (0, 2)",
+          "[coefficients]") {
+  const auto seed = fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  const int n = 4;
+  const RowMat<double> X = random_matrix(rng, 9 * n, 100, -3, 3);
+  const CoefParamsD p = random_coef_params(rng, n, 100);
+  const Run o = run_forward<4>(X, p, n);
+  CHECK(o.h_pre.minCoeff() > 0);
+  CHECK(o.h_pre.maxCoeff() < 1);
+  CHECK(o.h_post.minCoeff() > 0);
+  CHECK(o.h_post.maxCoeff() < 2);
+  for (Index t = 0; t < 9; ++t)
+    for (int i = 0; i < n; ++i) CHECK(std::abs(o.H_res.row(t).segment(i * n, n).sum() - 1) < 1e-12);
+}
+
+TEST_CASE("Coefficients reject bad arguments before writing anything", "[coefficients][errors]") {
+  Rng rng(fresh_seed());
+  const int n = 4;
+  const Index T = 3, C = 10, M = 24;
+  const RowMat<float> X = random_matrix(rng, T * n, C).cast<float>();
+  CoefParamsD pd = random_coef_params(rng, n, C);
+  CoefParamsView<float> pv(pd);
+  using Op = mhc::Coefficients<float>;
+  RowMat<float> hp = RowMat<float>::Constant(T, n, 9.f), hq = hp, H = RowMat<float>::Constant(T, n * n, 9.f);
+  RowMat<float> r = RowMat<float>::Constant(T, 1, 9.f), z = RowMat<float>::Constant(T, M, 9.f);
+  const RowMat<float> hp0 = hp, H0 = H, r0 = r, z0 = z;
+  const auto untouched = [&] { return hp == hp0 && hq == hp0 && H == H0 && r == r0 && z == z0; };
+  auto p = pv.params;
+
+  CHECK_THROWS_AS(Op::forward(X.topRows(T * n - 1), p, hp, hq, H, r, z), mhc::invalid_argument);
+  CHECK_THROWS_AS(Op::forward(X.leftCols(C - 1), p, hp, hq, H, r, z), mhc::invalid_argument);
+  CHECK_THROWS_AS(Op::forward(X, p, hp.topRows(2), hq, H, r, z), mhc::invalid_argument);
+  CHECK_THROWS_AS(Op::forward(X, p, hp, hq, H, r, z.leftCols(M - 1)), mhc::invalid_argument);
+  CHECK_THROWS_AS(Op::forward(mhc::map_batch(X.data(), T * n, C, C - 2), p, hp, hq, H, r, z),
+                  mhc::invalid_argument);
+  CHECK_THROWS_AS(Op::forward(mhc::map_batch(static_cast<const float*>(nullptr), T * n, C), p, hp,
+                              hq, H, r, z),
+                  mhc::invalid_argument);
+  CHECK_THROWS_AS(Op::forward(X, p, hp, hp, H, r, z), mhc::invalid_argument);  // outputs overlap
+  {
+    auto q = p;
+    q.iterations = 0;
+    CHECK_THROWS_AS(Op::forward(X, q, hp, hq, H, r, z), mhc::invalid_argument);
+  }
+  {
+    auto q = p;
+    q.eps = 0;
+    CHECK_THROWS_AS(Op::forward(X, q, hp, hq, H, r, z), mhc::invalid_argument);
+  }
+  {
+    auto q = p;
+    q.alpha[1] = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_AS(Op::forward(X, q, hp, hq, H, r, z), mhc::invalid_argument);
+  }
+  {
+    Eigen::VectorXf b3 = Eigen::VectorXf::Zero(3);
+    mhc::CoefficientParams<float> q{pv.W, pd.alpha.cast<float>(), b3, pv.b_post, pv.b_res};
+    CHECK_THROWS_AS(Op::forward(X, q, hp, hq, H, r, z), mhc::invalid_argument);  // n = 3 != 4
+    RowMat<float> W_bad = RowMat<float>::Zero(n * C, M - 1);
+    mhc::CoefficientParams<float> q2{W_bad, pd.alpha.cast<float>(), pv.b_pre, pv.b_post, pv.b_res};
+    CHECK_THROWS_AS(Op::forward(X, q2, hp, hq, H, r, z), mhc::invalid_argument);
+    Eigen::VectorXf b17 = Eigen::VectorXf::Zero(17);
+    mhc::CoefficientParams<float> q3{pv.W, pd.alpha.cast<float>(), b17, b17, b17};
+    CHECK_THROWS_AS((mhc::Coefficients<float, mhc::Dynamic>::forward(X, q3, hp, hq, H, r, z)),
+                    mhc::invalid_argument);
+  }
+  CHECK(untouched());
+
+  // Backward.
+  Op::forward(X, p, hp, hq, H, r, z);
+  RowMat<float> dX = RowMat<float>::Constant(T * n, C, 5.f), dW = RowMat<float>::Constant(n * C, M, 5.f);
+  Eigen::VectorXf da = Eigen::VectorXf::Constant(3, 5.f), dbp = Eigen::VectorXf::Constant(n, 5.f),
+                  dbq = dbp, dbr = Eigen::VectorXf::Constant(n * n, 5.f);
+  const RowMat<float> dX0 = dX, dW0 = dW;
+  Eigen::VectorXf ws(Op::workspace_size(T, n, C));
+  const RowMat<float> G = random_matrix(rng, T, n).cast<float>(), GH = random_matrix(rng, T, n * n).cast<float>();
+  const auto bw_untouched = [&] {
+    return dX == dX0 && dW == dW0 && (da.array() == 5.f).all() && (dbp.array() == 5.f).all() &&
+           (dbq.array() == 5.f).all() && (dbr.array() == 5.f).all();
+  };
+  Eigen::VectorXf small_ws(ws.size() - 1);
+  CHECK_THROWS_AS(Op::backward(X, p, r, z, G, G, GH, dX, {dW, da, dbp, dbq, dbr}, small_ws),
+                  mhc::invalid_argument);
+  CHECK_THROWS_AS(Op::backward(X, p, r, z, G, G, GH.leftCols(3), dX, {dW, da, dbp, dbq, dbr}, ws),
+                  mhc::invalid_argument);
+  CHECK_THROWS_AS(Op::backward(X, p, r, z, G, G, GH, dX, {dW.topRows(3), da, dbp, dbq, dbr}, ws),
+                  mhc::invalid_argument);
+  CHECK_THROWS_AS(Op::backward(X, p, r, z, G, G, GH, dX, {dW, da, dbp, dbp, dbr}, ws),
+                  mhc::invalid_argument);  // d_b_pre and d_b_post are one buffer
+  CHECK_THROWS_AS(Op::backward(X, p, r.topRows(2), z, G, G, GH, dX, {dW, da, dbp, dbq, dbr}, ws),
+                  mhc::invalid_argument);
+  CHECK(bw_untouched());
+}
