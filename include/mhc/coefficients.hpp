@@ -247,7 +247,7 @@ struct Coefficients {
         detail::throw_invalid(where, "an output overlaps X");
     constexpr int TB = K::kTileTokens;
     const Index full_tiles = T / TB;
-    detail::parallel_for(full_tiles + (T - full_tiles * TB), [&](Index job) {
+    detail::for_each_parallel(full_tiles + (T - full_tiles * TB), TB * Index(n) * X.cols() * M, [&](Index job) {
       if (job < full_tiles)
         K::template forward_tile<TB>(X, p, n, job * TB, h_pre, h_post, H_res, r, z);
       else
@@ -357,7 +357,7 @@ struct Coefficients {
     Real* Wt = g + T * ldg;
     const Index nC = Index(n) * C;
     // Pass 1, per token: da and dz from the gate/Sinkhorn backward, g = dz / r.
-    detail::parallel_for(T, [&](Index t) {
+    detail::for_each_parallel(T, M * p.iterations * 8, [&](Index t) {
       Real* gt = g + t * ldg;
       Real* da = gt + M;
       Real* dalpha = da + M;
@@ -385,13 +385,13 @@ struct Coefficients {
       for (Index k = 0; k < Index(n) * n; ++k) grads.d_b_res[k] += da[2 * n + k];
     }
     // W^T (M, nC) so that the d_X pass streams rows of it.
-    detail::parallel_for(M, [&](Index m) {
+    detail::for_each_parallel(M, nC, [&](Index m) {
       for (Index k = 0; k < nC; ++k) Wt[m * nC + k] = p.W(k, m);
     });
     // Pass 2, per token tile: d_X += W g_t - v_t (z_t . g_t) / (nC r_t).
     constexpr int TB = K::kGradTileTokens;
     const Index full_tiles = T / TB;
-    detail::parallel_for(full_tiles + (T - full_tiles * TB), [&](Index job) {
+    detail::for_each_parallel(full_tiles + (T - full_tiles * TB), TB * nC * M, [&](Index job) {
       const bool full = job < full_tiles;
       const Index t0 = full ? job * TB : full_tiles * TB + (job - full_tiles);
       Real beta[TB];
@@ -408,7 +408,7 @@ struct Coefficients {
     });
     // Pass 3, per packet of W rows: d_W = sum_t v_t^T g_t (token order per element).
     const Index blocks_per_row = (C + K::kPacket - 1) / K::kPacket;
-    detail::parallel_for(Index(n) * blocks_per_row, [&](Index job) {
+    detail::for_each_parallel(Index(n) * blocks_per_row, T * K::kPacket * M, [&](Index job) {
       const int i = static_cast<int>(job / blocks_per_row);
       const Index c0 = (job % blocks_per_row) * K::kPacket;
       K::dw_block(X, n, i, c0, std::min<Index>(K::kPacket, C - c0), g, ldg, grads.d_W);

@@ -42,7 +42,7 @@ struct PreMix {
     detail::check_batch(where, "u", u, T, C);
     detail::check_no_overlap(where, "u", u, "X", X);
     detail::check_no_overlap(where, "u", u, "h_pre", h_pre);
-    detail::parallel_for(T, [&](Index t) {
+    detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
@@ -75,20 +75,20 @@ struct PreMix {
     detail::check_no_overlap(where, "d_h_pre", d_h_pre, "X", X);
     detail::check_no_overlap(where, "d_h_pre", d_h_pre, "d_u", d_u);
     detail::check_no_overlap(where, "d_h_pre", d_h_pre, "h_pre", h_pre);
-    detail::parallel_for(T, [&](Index t) {
+    detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
-      Real dhp[kMaxN] = {};
+      detail::DotAccumulator<Real> dhp[kMaxN];  // sum_c X[i][c] du[c]
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
         const detail::BlockRow<Real, W> du = detail::load_row<Real, W>(detail::at(d_u, t, c0), w);
         for (int i = 0; i < n; ++i) {
           const Index row = t * n + i;
-          dhp[i] += (detail::load_row<Real, W>(detail::at(X, row, c0), w) * du).sum();
+          dhp[i].template add<W>(detail::load_row<Real, W>(detail::at(X, row, c0), w), du, w);
           detail::store_row<W>(detail::at(d_X, row, c0), w,
                                detail::load_row<Real, W>(detail::at(d_X, row, c0), w) + hp[i] * du);
         }
       });
-      for (int i = 0; i < n; ++i) d_h_pre(t, i) = dhp[i];
+      for (int i = 0; i < n; ++i) d_h_pre(t, i) = dhp[i].total();
     });
   }
 };
@@ -122,7 +122,7 @@ struct Update {
     detail::check_no_overlap(where, "X_out", X_out, "y", y);
     detail::check_no_overlap(where, "X_out", X_out, "H_res", H_res);
     detail::check_no_overlap(where, "X_out", X_out, "h_post", h_post);
-    detail::parallel_for(T, [&](Index t) {
+    detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* H = H_res.row(detail::coefficient_row(H_res, t)).data();
       const Real* hq = h_post.row(detail::coefficient_row(h_post, t)).data();
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
@@ -178,36 +178,36 @@ struct Update {
     };
     check_coefficient_grad("d_H_res", d_H_res);
     check_coefficient_grad("d_h_post", d_h_post);
-    detail::parallel_for(T, [&](Index t) {
+    detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* H = H_res.row(detail::coefficient_row(H_res, t)).data();
       const Real* hq = h_post.row(detail::coefficient_row(h_post, t)).data();
-      Real dH[kMaxN * kMaxN] = {};  // sum_c G[i][c] X[j][c]
-      Real dhq[kMaxN] = {};         // sum_c G[i][c] y[c]
+      detail::DotAccumulator<Real> dH[kMaxN * kMaxN];  // sum_c G[i][c] X[j][c]
+      detail::DotAccumulator<Real> dhq[kMaxN];         // sum_c G[i][c] y[c]
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
         detail::BlockTile<Real, N, W> g(n, w);  // (n, w) rows of G for token t
         for (int i = 0; i < n; ++i) g.row(i) = detail::load_row<Real, W>(detail::at(d_X_out, t * n + i, c0), w);
         const detail::BlockRow<Real, W> yr = detail::load_row<Real, W>(detail::at(y, t, c0), w);
         detail::BlockRow<Real, W> dy = hq[0] * g.row(0);
-        dhq[0] += (g.row(0) * yr).sum();
+        dhq[0].template add<W>(g.row(0), yr, w);
         for (int i = 1; i < n; ++i) {
           dy += hq[i] * g.row(i);
-          dhq[i] += (g.row(i) * yr).sum();
+          dhq[i].template add<W>(g.row(i), yr, w);
         }
         detail::store_row<W>(detail::at(d_y, t, c0), w, dy);
         for (int j = 0; j < n; ++j) {
           const detail::BlockRow<Real, W> x = detail::load_row<Real, W>(detail::at(X, t * n + j, c0), w);
           detail::BlockRow<Real, W> dx = H[j] * g.row(0);
-          dH[j] += (g.row(0) * x).sum();
+          dH[j].template add<W>(g.row(0), x, w);
           for (int i = 1; i < n; ++i) {
             dx += H[i * n + j] * g.row(i);
-            dH[i * n + j] += (g.row(i) * x).sum();
+            dH[i * n + j].template add<W>(g.row(i), x, w);
           }
           detail::store_row<W>(detail::at(d_X, t * n + j, c0), w, dx);
         }
       });
-      for (int k = 0; k < n * n; ++k) d_H_res(t, k) = dH[k];
-      for (int i = 0; i < n; ++i) d_h_post(t, i) = dhq[i];
+      for (int k = 0; k < n * n; ++k) d_H_res(t, k) = dH[k].total();
+      for (int i = 0; i < n; ++i) d_h_post(t, i) = dhq[i].total();
     });
   }
 };

@@ -1,8 +1,8 @@
 // detail/operator_support.hpp: what the CPU batch operators (coefficients.hpp, mixing.hpp) share:
-// vector views, storage <-> compute conversion of one row
-// segment, the column blocking, and the OpenMP loop over tokens.
+// vector views, storage <-> compute conversion of one row segment, the column blocking,
+// lane-wise dot accumulators and the OpenMP loop over tokens.
 //
-// Determinism: every loop run through parallel_for gives each iteration its own outputs and a
+// Determinism: every loop run through for_each_parallel gives each iteration its own outputs and a
 // fixed order of arithmetic that does not depend on which thread runs it or how many threads
 // there are, so results are bitwise identical for any OMP_NUM_THREADS.
 #pragma once
@@ -10,11 +10,10 @@
 #include <Eigen/Core>
 #include <type_traits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <algorithm>
 
 #include "mhc/detail/check.hpp"
+#include "mhc/detail/threading.hpp"
 #include "mhc/types.hpp"
 
 namespace mhc {
@@ -67,6 +66,26 @@ inline void store_row(Scalar* dst, Index w, const Expr& row) {
   Eigen::Map<Eigen::Array<Scalar, 1, Width>>(dst, w) = row.template cast<Scalar>();
 }
 
+/// A dot product accumulated over the column blocks of one token, in a fixed order: full blocks
+/// add their packet-wide segments lane by lane (no horizontal sum per block), the tail block adds
+/// a scalar; total() = sum of the lanes + tail. The order depends only on C, never on threads.
+template <typename Real>
+struct DotAccumulator {
+  static constexpr int kLanes = Eigen::internal::packet_traits<Real>::size;
+  Eigen::Array<Real, 1, kLanes> lanes = Eigen::Array<Real, 1, kLanes>::Zero();
+  Real tail = Real(0);
+  template <int Width, typename A, typename B>
+  void add(const A& a, const B& b, Index w) {
+    if constexpr (Width == kColumnBlock && kColumnBlock % kLanes == 0) {
+      for (int s = 0; s < kColumnBlock / kLanes; ++s)
+        lanes += a.template segment<kLanes>(s * kLanes) * b.template segment<kLanes>(s * kLanes);
+    } else {
+      tail += (a.head(w) * b.head(w)).sum();
+    }
+  }
+  Real total() const { return lanes.sum() + tail; }
+};
+
 /// Address of element (r, c) of a row-major view.
 template <typename View>
 inline auto at(View&& v, Index r, Index c) {
@@ -79,18 +98,20 @@ inline Index coefficient_row(const View& v, Index t) {
   return v.rows() == 1 ? 0 : t;
 }
 
-/// body(i) for i in [0, count): on the OpenMP team when there is one and we are not already inside
-/// a parallel region, else serially. Iterations must write disjoint outputs.
+/// Total work (roughly, elements touched) below which for_each_parallel stays on the calling thread:
+/// starting a parallel region costs microseconds, far more than a small batch.
+inline constexpr Index kMinParallelWork = Index(1) << 18;
+
+/// body(i) for each i in [0, count), over threading.hpp's contiguous chunks, in parallel when
+/// count * work_per_item >= kMinParallelWork. Iterations must write disjoint outputs (results then
+/// do not depend on the thread count).
 template <typename F>
-inline void parallel_for(Index count, F&& body) {
-#ifdef _OPENMP
-  if (count > 1 && !omp_in_parallel()) {
-#pragma omp parallel for schedule(static)
-    for (Index i = 0; i < count; ++i) body(i);
-    return;
-  }
-#endif
-  for (Index i = 0; i < count; ++i) body(i);
+inline void for_each_parallel(Index count, Index work_per_item, F&& body) {
+  const Index per = std::max<Index>(1, work_per_item);
+  parallel_for(count, std::max<Index>(2, (kMinParallelWork + per - 1) / per),
+               [&](Index begin, Index end) {
+                 for (Index i = begin; i < end; ++i) body(i);
+               });
 }
 
 /// A coefficient view (h_pre, h_post, H_res): `cols` columns and T rows, or one row shared by all

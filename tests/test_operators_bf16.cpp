@@ -1,0 +1,168 @@
+// bfloat16 and float storage against double: every operator, forward and backward, on inputs
+// that are exactly representable in the storage type (so only the operator's own rounding is
+// measured). Stated tolerances, per element, with scale = max |reference| of that output:
+//  - outputs stored in the storage type (u, X', d_X, d_y): |out - ref| <= 2^-8 |ref| + 1e-4 scale
+//    for bf16 (one rounding to bf16, half an ulp = 2^-8 relative, plus fp32 accumulation), and
+//    <= 1e-6 |ref| + 1e-5 scale for float;
+//  - outputs in the compute type float (coefficients, their gradients, parameter gradients):
+//    |out - ref| <= 1e-4 scale (fp32 accumulation over n*C and T terms, 20 Sinkhorn rounds).
+#include "support/catch.hpp"
+#include "support/ops_testing.hpp"
+
+using namespace mhc_test;
+using mhc::Index;
+
+namespace {
+
+template <typename S>
+double rel_stored() {
+  return std::is_same<S, mhc::bf16>::value ? 1.0 / 256 : 1e-6;
+}
+template <typename S>
+double abs_stored() {
+  return std::is_same<S, mhc::bf16>::value ? 1e-4 : 1e-5;
+}
+
+/// Checks a storage-type result against the double reference with the stated tolerance.
+template <typename S>
+void check_stored(const char* what, const RowMat<S>& out, const RowMat<double>& ref) {
+  REQUIRE(out.rows() == ref.rows());
+  REQUIRE(out.cols() == ref.cols());
+  const double scale = std::max(1e-12, ref.cwiseAbs().maxCoeff());
+  double worst = 0;
+  for (Index k = 0; k < ref.size(); ++k) {
+    const double r = ref.data()[k], o = static_cast<double>(out.data()[k]);
+    worst = std::max(worst, std::abs(o - r) / (rel_stored<S>() * std::abs(r) + abs_stored<S>() * scale));
+  }
+  CAPTURE(what, worst);
+  CHECK(worst <= 1.0);
+}
+
+/// Checks a compute-type (float) result against double: |out - ref| <= 1e-4 scale.
+template <typename A>
+void check_real(const char* what, const A& out, const RowMat<double>& ref) {
+  const RowMat<double> o = out.template cast<double>();
+  REQUIRE(o.rows() == ref.rows());
+  REQUIRE(o.cols() == ref.cols());
+  const double scale = std::max(1e-12, ref.cwiseAbs().maxCoeff());
+  const double err = ref.size() ? (o - ref).cwiseAbs().maxCoeff() / scale : 0.0;
+  CAPTURE(what, err);
+  CHECK(err <= 1e-4);
+}
+
+template <typename S>
+RowMat<S> to(const RowMat<double>& m) {
+  return m.cast<S>();
+}
+template <typename S>
+RowMat<double> from(const RowMat<S>& m) {
+  return m.template cast<double>();
+}
+
+template <typename S, int N>
+void storage_case(int n, Index C, Index T) {
+  using R = mhc::compute_t<S>;
+  const auto seed = fresh_seed();
+  CAPTURE(seed, n, C, T, N, sizeof(S));
+  Rng rng(seed);
+  const Index M = Index(n) * n + 2 * n;
+  // Inputs rounded through S (and coefficients through R), shared by both computations.
+  const RowMat<double> X = round_through<S>(random_matrix(rng, T * n, C, -2, 2));
+  const RowMat<double> y = round_through<S>(random_matrix(rng, T, C));
+  const RowMat<double> G = round_through<S>(random_matrix(rng, T * n, C));
+  const RowMat<double> Gu = round_through<S>(random_matrix(rng, T, C));
+  const RowMat<double> D0 = round_through<S>(random_matrix(rng, T * n, C));
+  CoefParamsD pd = random_coef_params(rng, n, C);
+  pd.W = round_through<R>(pd.W);
+  for (auto* v : {&pd.b_pre, &pd.b_post, &pd.b_res})
+    for (Index k = 0; k < v->size(); ++k) (*v)[k] = double(R((*v)[k]));
+  for (int k = 0; k < 3; ++k) pd.alpha[k] = double(R(pd.alpha[k]));
+
+  // Double reference through the library in double.
+  CoefParamsView<double> pv_d(pd);
+  RowMat<double> hp_d(T, n), hq_d(T, n), H_d(T, Index(n) * n), r_d(T, 1), z_d(T, M);
+  mhc::Coefficients<double, N>::forward(X, pv_d.params, hp_d, hq_d, H_d, r_d, z_d);
+  // The same coefficients (rounded to R) feed both mixings, so each operator is compared alone.
+  const RowMat<double> hp = round_through<R>(hp_d), hq = round_through<R>(hq_d), H = round_through<R>(H_d);
+
+  CoefParamsView<R> pv(pd);
+  const RowMat<S> Xs = to<S>(X), ys = to<S>(y), Gs = to<S>(G), Gus = to<S>(Gu);
+  const RowMat<R> hpR = hp.cast<R>(), hqR = hq.cast<R>(), HR = H.cast<R>();
+
+  // Coefficients forward.
+  RowMat<R> hp_s(T, n), hq_s(T, n), H_s(T, Index(n) * n), r_s(T, 1), z_s(T, M);
+  mhc::Coefficients<S, N>::forward(Xs, pv.params, hp_s, hq_s, H_s, r_s, z_s);
+  check_real("h_pre", hp_s, hp_d);
+  check_real("h_post", hq_s, hq_d);
+  check_real("H_res", H_s, H_d);
+  check_real("r", r_s, r_d);
+  check_real("z", z_s, z_d);
+
+  // PreMix.
+  RowMat<double> u_d(T, C);
+  mhc::PreMix<double, N>::forward(X, hp, u_d);
+  RowMat<S> u_s(T, C);
+  mhc::PreMix<S, N>::forward(Xs, hpR, u_s);
+  check_stored("u", u_s, u_d);
+  RowMat<double> dX_d = D0, dhp_d(T, n);
+  mhc::PreMix<double, N>::backward(X, hp, Gu, dX_d, dhp_d);
+  RowMat<S> dX_s = to<S>(D0);
+  RowMat<R> dhp_s(T, n);
+  mhc::PreMix<S, N>::backward(Xs, hpR, Gus, dX_s, dhp_s);
+  check_stored("PreMix d_X", dX_s, dX_d);
+  check_real("d_h_pre", dhp_s, dhp_d);
+
+  // Update.
+  RowMat<double> out_d(T * n, C);
+  mhc::Update<double, N>::forward(X, H, hq, y, out_d);
+  RowMat<S> out_s(T * n, C);
+  mhc::Update<S, N>::forward(Xs, HR, hqR, ys, out_s);
+  check_stored("X'", out_s, out_d);
+  RowMat<double> dXu_d(T * n, C), dH_d(T, Index(n) * n), dhq_d(T, n), dy_d(T, C);
+  mhc::Update<double, N>::backward(X, H, hq, y, G, dXu_d, dH_d, dhq_d, dy_d);
+  RowMat<S> dXu_s(T * n, C), dy_s(T, C);
+  RowMat<R> dH_s(T, Index(n) * n), dhq_s(T, n);
+  mhc::Update<S, N>::backward(Xs, HR, hqR, ys, Gs, dXu_s, dH_s, dhq_s, dy_s);
+  check_stored("Update d_X", dXu_s, dXu_d);
+  check_stored("d_y", dy_s, dy_d);
+  check_real("d_H_res", dH_s, dH_d);
+  check_real("d_h_post", dhq_s, dhq_d);
+
+  // Coefficients backward, with the same cache values (rounded to R) on both sides.
+  const RowMat<double> Gp = round_through<R>(random_matrix(rng, T, n)),
+                       Gq = round_through<R>(random_matrix(rng, T, n)),
+                       GH = round_through<R>(random_matrix(rng, T, Index(n) * n));
+  RowMat<double> dXc_d = D0, dW_d(Index(n) * C, M);
+  Eigen::VectorXd da_d(3), dbp_d(n), dbq_d(n), dbr_d(Index(n) * n);
+  Eigen::VectorXd ws_d(mhc::Coefficients<double, N>::workspace_size(T, n, C));
+  mhc::Coefficients<double, N>::backward(X, pv_d.params, r_d, z_d, Gp, Gq, GH, dXc_d,
+                                         {dW_d, da_d, dbp_d, dbq_d, dbr_d}, ws_d);
+  RowMat<S> dXc_s = to<S>(D0);
+  RowMat<R> dW_s(Index(n) * C, M);
+  Eigen::Matrix<R, Eigen::Dynamic, 1> da_s(3), dbp_s(n), dbq_s(n), dbr_s(Index(n) * n);
+  Eigen::Matrix<R, Eigen::Dynamic, 1> ws_s(mhc::Coefficients<S, N>::workspace_size(T, n, C));
+  mhc::Coefficients<S, N>::backward(Xs, pv.params, r_s, z_s, Gp.cast<R>(), Gq.cast<R>(), GH.cast<R>(),
+                                    dXc_s, {dW_s, da_s, dbp_s, dbq_s, dbr_s}, ws_s);
+  check_stored("Coefficients d_X", dXc_s, dXc_d);
+  check_real("d_W", dW_s, dW_d);
+  check_real("d_alpha", RowMat<R>(da_s), RowMat<double>(da_d));
+  check_real("d_b_pre", RowMat<R>(dbp_s), RowMat<double>(dbp_d));
+  check_real("d_b_post", RowMat<R>(dbq_s), RowMat<double>(dbq_d));
+  check_real("d_b_res", RowMat<R>(dbr_s), RowMat<double>(dbr_d));
+}
+
+}  // namespace
+
+TEST_CASE("bf16 storage matches double within the stated tolerance", "[bf16]") {
+  storage_case<mhc::bf16, 4>(4, 257, 33);
+  storage_case<mhc::bf16, 4>(4, 64, 5);
+  storage_case<mhc::bf16, mhc::Dynamic>(2, 3, 9);
+  storage_case<mhc::bf16, 8>(8, 64, 5);
+  storage_case<mhc::bf16, 1>(1, 1, 1);
+}
+
+TEST_CASE("float storage matches double within the stated tolerance", "[float]") {
+  storage_case<float, 4>(4, 257, 33);
+  storage_case<float, mhc::Dynamic>(8, 64, 5);
+  storage_case<float, 2>(2, 3, 9);
+}
