@@ -8,8 +8,8 @@
 //   h_post = 2 sigmoid(alpha_post z_post + b_post) (n)
 //   H_res = SK(alpha_res z_res + b_res)            (n x n)           (Eq. 9, t_max iterations)
 //
-// v W and sum(v^2) come from ONE pass over X (8 tokens at a time, so each row of W read from
-// cache serves 8 tokens); the norm is applied after the product. The gates and Sinkhorn are the
+// v W and sum(v^2) come from ONE pass over X (12 tokens at a time, so each row of W read from
+// cache serves 12 tokens); the norm is applied after the product. The gates and Sinkhorn are the
 // shared MHC_HOST_DEVICE kernels of detail/coefficient_kernel.hpp (the CUDA operators use the
 // same ones).
 //
@@ -63,18 +63,59 @@ struct CoefficientGrads {
 
 namespace detail {
 
+/// The (M) projection accumulator of one token for a compile-time M, split as a multiple of the
+/// widest packet plus the rest, so every FMA uses the widest packet that fits (M = 24 for n = 4:
+/// one 16-lane and one 8-lane FMA with AVX-512, instead of three 8-lane ones).
+template <typename Real, int M>
+struct SplitAccumulator {
+  static constexpr int kLanes = Eigen::internal::packet_traits<Real>::size;
+  static constexpr int kHi = (M / kLanes) * kLanes;
+  static constexpr int kLo = M - kHi;
+  Eigen::Array<Real, (kHi > 0 ? kHi : 1), 1> hi;
+  Eigen::Array<Real, (kLo > 0 ? kLo : 1), 1> lo;
+  void set_zero() {
+    hi.setZero();
+    lo.setZero();
+  }
+  /// this += w (M values) * s
+  void fma(const Real* w, Real s) {
+    if constexpr (kHi > 0) hi += Eigen::Map<const Eigen::Array<Real, kHi, 1>>(w) * s;
+    if constexpr (kLo > 0) lo += Eigen::Map<const Eigen::Array<Real, kLo, 1>>(w + kHi) * s;
+  }
+  /// dst (M) = this * s
+  void store_scaled(Real* dst, Real s) const {
+    if constexpr (kHi > 0) Eigen::Map<Eigen::Array<Real, kHi, 1>>(dst, kHi) = hi * s;
+    if constexpr (kLo > 0) Eigen::Map<Eigen::Array<Real, kLo, 1>>(dst + kHi, kLo) = lo * s;
+  }
+};
+
+/// Run-time M (N = Dynamic): one array of at most coefficient_count(kMaxStreams) values.
+template <typename Real>
+struct DynamicAccumulator {
+  Eigen::Array<Real, Eigen::Dynamic, 1, Eigen::ColMajor, coefficient_count(kMaxStreams), 1> a;
+  int m = 0;
+  void init(int M) {
+    m = M;
+    a.setZero(M);
+  }
+  void fma(const Real* w, Real s) { a += Eigen::Map<const Eigen::Array<Real, Eigen::Dynamic, 1>>(w, m) * s; }
+  void store_scaled(Real* dst, Real s) const {
+    Eigen::Map<Eigen::Array<Real, Eigen::Dynamic, 1>>(dst, m) = a * s;
+  }
+};
+
 template <typename Scalar, int N>
 struct CoefficientKernels {
   using Real = compute_t<Scalar>;
   static constexpr int kM = N == Dynamic ? Eigen::Dynamic : coefficient_count(N);
   static constexpr int kMaxN = N == Dynamic ? kMaxStreams : N;
   static constexpr int kMaxM = coefficient_count(kMaxN);
-  static constexpr int kTileTokens = 8;     // tokens per tile of the forward projection
-  static constexpr int kGradTileTokens = 4; // tokens per tile of the d_X pass
+  static constexpr int kTileTokens = 12;     // tokens per tile of the forward projection
+  static constexpr int kGradTileTokens = 12; // tokens per tile of the d_X pass
+  static constexpr int kGradColumnBlock = 32;  // columns per block of the d_X pass
   static constexpr int kPacket = Eigen::internal::packet_traits<Real>::size;
-  using Acc = Eigen::Array<Real, kM, 1, Eigen::ColMajor, kMaxM, 1>;    // (M) per token
-  using WRow = Eigen::Map<const Eigen::Array<Real, kM, 1>>;            // one row of W
-  using PacketTile = Eigen::Array<Real, kM, kPacket, Eigen::RowMajor, kMaxM, kPacket>;  // (M, P)
+  using Accumulator = std::conditional_t<N == Dynamic, DynamicAccumulator<Real>,
+                                         SplitAccumulator<Real, coefficient_count(N > 0 ? N : 1)>>;
 
   static GateParams<Real> gates(const CoefficientParams<Real>& p) {
     return {p.alpha[0], p.alpha[1], p.alpha[2], p.b_pre.data(), p.b_post.data(), p.b_res.data()};
@@ -90,10 +131,13 @@ struct CoefficientKernels {
     const Index C = X.cols();
     const int M = coefficient_count(n);
     const Index ldw = p.W.outerStride();
-    Acc acc[TB];
+    Accumulator acc[TB];
     Real ss[TB];
     for (int t = 0; t < TB; ++t) {
-      acc[t].setZero(M);
+      if constexpr (N == Dynamic)
+        acc[t].init(M);
+      else
+        acc[t].set_zero();
       ss[t] = Real(0);
     }
     for (int i = 0; i < n; ++i) {
@@ -112,10 +156,8 @@ struct CoefficientKernels {
           ss[t] += Eigen::Map<const Eigen::Array<Real, 1, W>>(v[t], w).square().sum();
         }
         const Real* wk = detail::at(p.W, Index(i) * C + c0, 0);
-        for (Index c = 0; c < w; ++c, wk += ldw) {
-          const WRow wrow(wk, M);
-          for (int t = 0; t < TB; ++t) acc[t] += wrow * v[t][c];
-        }
+        for (Index c = 0; c < w; ++c, wk += ldw)
+          for (int t = 0; t < TB; ++t) acc[t].fma(wk, v[t][c]);
       });
     }
     const Real nC = Real(n) * Real(C);
@@ -126,62 +168,125 @@ struct CoefficientKernels {
       const Real rt = std::sqrt(mean_square + p.eps);
       r(tok, 0) = rt;
       Real* zt = detail::at(z, tok, 0);
-      Eigen::Map<Eigen::Array<Real, kM, 1>>(zt, M) = acc[t] / rt;
+      acc[t].store_scaled(zt, Real(1) / rt);
       mhc_coefficients_forward<N>(n, p.iterations, static_cast<const Real*>(zt), gates(p),
-                                  detail::at(h_pre, tok, 0), detail::at(h_post, tok, 0), detail::at(H_res, tok, 0), A_scratch);
+                                  detail::at(h_pre, tok, 0), detail::at(h_post, tok, 0),
+                                  detail::at(H_res, tok, 0), A_scratch);
+    }
+  }
+
+  using Packet = typename Eigen::internal::packet_traits<Real>::type;
+
+  /// kPacket values at src in the compute type, as a packet (converted through `buf` for bf16).
+  static Packet load_packet(const Scalar* src, Real* buf) {
+    if constexpr (std::is_same<Scalar, Real>::value) {
+      (void)buf;
+      return Eigen::internal::ploadu<Packet>(src);
+    } else {
+      Eigen::Map<Eigen::Array<Real, 1, kPacket>>(buf, kPacket) = load_row<Real, kPacket>(src, kPacket);
+      return Eigen::internal::ploadu<Packet>(buf);
     }
   }
 
   /// d_X += W g_t - v_t beta_t for tokens [t0, t0 + TB), with Wt = W^T (M, nC) contiguous,
-  /// g (T, ldg) and beta_t = (z_t . g_t) / (nC r_t).
+  /// g (T, ldg) and beta_t = (z_t . g_t) / (nC r_t). Full kGradColumnBlock-wide blocks keep the
+  /// TB x (block / kPacket) accumulators in registers; the tail block goes through Eigen arrays.
   template <int TB>
   static void dx_tile(const ConstBatchRef<Scalar>& X, int n_rt, Index t0, const Real* Wt,
                       const Real* g, Index ldg, const Real* beta, BatchRef<Scalar>& d_X) {
+    using namespace Eigen::internal;
     const int n = N == Dynamic ? n_rt : N;
     const Index C = X.cols();
     const Index nC = Index(n) * C;
     const int M = coefficient_count(n);
+    constexpr int kVec = kGradColumnBlock / kPacket;
     for (int i = 0; i < n; ++i) {
-      for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
+      for_each_column_block<kGradColumnBlock>(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
-        BlockRow<Real, W> acc[TB];
-        for (int t = 0; t < TB; ++t)
-          acc[t] = -beta[t] * load_row<Real, W>(detail::at(X, (t0 + t) * n + i, c0), w);
         const Real* wt = Wt + Index(i) * C + c0;
-        for (int m = 0; m < M; ++m, wt += nC) {
-          const Eigen::Map<const Eigen::Array<Real, 1, W>> wm(wt, w);
-          for (int t = 0; t < TB; ++t) acc[t] += g[(t0 + t) * ldg + m] * wm;
-        }
-        for (int t = 0; t < TB; ++t) {
-          Scalar* dst = detail::at(d_X, (t0 + t) * n + i, c0);
-          store_row<W>(dst, w, load_row<Real, W>(dst, w) + acc[t]);
+        if constexpr (W == kGradColumnBlock && kGradColumnBlock % kPacket == 0) {
+          [[maybe_unused]] Real buf[kPacket];
+          Packet acc[TB][kVec];
+          for (int t = 0; t < TB; ++t) {
+            const Scalar* src = detail::at(X, (t0 + t) * n + i, c0);
+            const Packet nb = pset1<Packet>(-beta[t]);
+            for (int q = 0; q < kVec; ++q) acc[t][q] = pmul(nb, load_packet(src + q * kPacket, buf));
+          }
+          for (int m = 0; m < M; ++m, wt += nC) {
+            Packet wm[kVec];
+            for (int q = 0; q < kVec; ++q) wm[q] = ploadu<Packet>(wt + q * kPacket);
+            for (int t = 0; t < TB; ++t) {
+              const Packet gb = pset1<Packet>(g[(t0 + t) * ldg + m]);
+              for (int q = 0; q < kVec; ++q) acc[t][q] = pmadd(gb, wm[q], acc[t][q]);
+            }
+          }
+          for (int t = 0; t < TB; ++t) {
+            Scalar* dst = detail::at(d_X, (t0 + t) * n + i, c0);
+            for (int q = 0; q < kVec; ++q) {
+              const Packet sum = padd(load_packet(dst + q * kPacket, buf), acc[t][q]);
+              if constexpr (std::is_same<Scalar, Real>::value) {
+                pstoreu(dst + q * kPacket, sum);
+              } else {
+                pstoreu(buf, sum);
+                store_row<kPacket>(dst + q * kPacket, kPacket, Eigen::Map<const Eigen::Array<Real, 1, kPacket>>(buf));
+              }
+            }
+          }
+        } else {
+          BlockRow<Real, Eigen::Dynamic, kGradColumnBlock> acc[TB];
+          for (int t = 0; t < TB; ++t)
+            acc[t] = -beta[t] * load_row<Real, Eigen::Dynamic>(detail::at(X, (t0 + t) * n + i, c0), w);
+          for (int m = 0; m < M; ++m, wt += nC) {
+            const Eigen::Map<const Eigen::Array<Real, 1, Eigen::Dynamic>> wm(wt, w);
+            for (int t = 0; t < TB; ++t) acc[t] += g[(t0 + t) * ldg + m] * wm;
+          }
+          for (int t = 0; t < TB; ++t) {
+            Scalar* dst = detail::at(d_X, (t0 + t) * n + i, c0);
+            store_row<Eigen::Dynamic>(dst, w, load_row<Real, Eigen::Dynamic>(dst, w) + acc[t]);
+          }
         }
       });
     }
   }
 
   /// d_W rows [k0, k0 + w) (w <= kPacket, all in row i of X, columns c0..): sum over every token,
-  /// in token order, of v_t[k] g_t.
+  /// in token order, of v_t[k] g_t. The M packet accumulators stay in registers for fixed n.
   static void dw_block(const ConstBatchRef<Scalar>& X, int n_rt, int i, Index c0, Index w,
                        const Real* g, Index ldg, BatchRef<Real>& d_W) {
+    using namespace Eigen::internal;
     const int n = N == Dynamic ? n_rt : N;
     const Index T = X.rows() / n;
     const int M = coefficient_count(n);
-    PacketTile acc(M, kPacket);
-    acc.setZero();
-    Eigen::Array<Real, 1, kPacket> v = Eigen::Array<Real, 1, kPacket>::Zero();
+    constexpr int kAccs = N == Dynamic ? kMaxM : coefficient_count(N > 0 ? N : 1);
+    Packet acc[kAccs];
+    for (int m = 0; m < M; ++m) acc[m] = pset1<Packet>(Real(0));
+    alignas(64) Real buf[kPacket] = {};
+    constexpr Index kAhead = 8;  // tokens prefetched ahead: the walk strides by a whole token
     for (Index t = 0; t < T; ++t) {
+      if (t + kAhead < T) prefetch(detail::at(X, (t + kAhead) * n + i, c0));
       const Scalar* src = detail::at(X, t * n + i, c0);
-      if (w == kPacket)
-        v = load_row<Real, kPacket>(src, kPacket);
-      else
-        v.head(w) = load_row<Real, Eigen::Dynamic>(src, w);
+      Packet v;
+      if (w == kPacket) {
+        v = load_packet(src, buf);
+      } else {
+        Eigen::Map<Eigen::Array<Real, 1, Eigen::Dynamic>>(buf, w) = load_row<Real, Eigen::Dynamic>(src, w);
+        v = ploadu<Packet>(buf);  // lanes >= w stay 0
+      }
       const Real* gt = g + t * ldg;
-      for (int m = 0; m < M; ++m) acc.row(m) += gt[m] * v;
+      if constexpr (N == Dynamic) {
+        for (int m = 0; m < M; ++m) acc[m] = pmadd(pset1<Packet>(gt[m]), v, acc[m]);
+      } else {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 128
+#endif
+        for (int m = 0; m < kAccs; ++m) acc[m] = pmadd(pset1<Packet>(gt[m]), v, acc[m]);
+      }
     }
     const Index k0 = Index(i) * X.cols() + c0;
-    for (Index c = 0; c < w; ++c)
-      for (int m = 0; m < M; ++m) d_W(k0 + c, m) = acc(m, c);
+    for (int m = 0; m < M; ++m) {
+      pstoreu(buf, acc[m]);
+      for (Index c = 0; c < w; ++c) d_W(k0 + c, m) = buf[c];
+    }
   }
 };
 

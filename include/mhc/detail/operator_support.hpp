@@ -34,23 +34,23 @@ inline constexpr bool is_storage_scalar_v = std::is_same<Scalar, float>::value |
 /// Columns per tile of the streaming kernels (a few SIMD packets; one tile of n rows stays in L1).
 inline constexpr int kColumnBlock = 64;
 
-/// One row segment of up to kColumnBlock columns in the compute type; Width is kColumnBlock for
-/// full blocks and Dynamic for the tail.
-template <typename Real, int Width>
-using BlockRow = Eigen::Array<Real, 1, Width, Eigen::RowMajor, 1, kColumnBlock>;
+/// One row segment of up to MaxWidth columns in the compute type; Width is MaxWidth for full
+/// blocks and Dynamic for the tail.
+template <typename Real, int Width, int MaxWidth = kColumnBlock>
+using BlockRow = Eigen::Array<Real, 1, Width, Eigen::RowMajor, 1, MaxWidth>;
 
 /// n rows of one block (n fixed when N > 0, else at most kMaxStreams rows; never heap-allocated).
 template <typename Real, int N, int Width>
 using BlockTile = Eigen::Array<Real, N == Dynamic ? Eigen::Dynamic : N, Width, Eigen::RowMajor,
                                N == Dynamic ? kMaxStreams : N, kColumnBlock>;
 
-/// Calls block(c0, width_tag, w) for the full kColumnBlock-wide blocks of [0, C) and then the tail;
-/// width_tag is std::integral_constant<int, kColumnBlock or Dynamic>.
-template <typename F>
+/// Calls block(c0, width_tag, w) for the full Block-wide blocks of [0, C) and then the tail;
+/// width_tag is std::integral_constant<int, Block or Dynamic>.
+template <int Block = kColumnBlock, typename F>
 inline void for_each_column_block(Index C, F&& block) {
   Index c0 = 0;
-  for (; c0 + kColumnBlock <= C; c0 += kColumnBlock)
-    block(c0, std::integral_constant<int, kColumnBlock>{}, Index(kColumnBlock));
+  for (; c0 + Block <= C; c0 += Block)
+    block(c0, std::integral_constant<int, Block>{}, Index(Block));
   if (c0 < C) block(c0, std::integral_constant<int, Eigen::Dynamic>{}, C - c0);
 }
 
@@ -85,6 +85,15 @@ struct DotAccumulator {
   }
   Real total() const { return lanes.sum() + tail; }
 };
+
+/// Hints the cache to fetch the line at p (no effect where the compiler has no builtin).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p);
+#else
+  (void)p;
+#endif
+}
 
 /// Address of element (r, c) of a row-major view.
 template <typename View>
