@@ -192,39 +192,55 @@ __global__ void __launch_bounds__(128)
       for (int k = 0; k < 4; ++k) acc[m][nt][k] = 0.f;
   }
 
-  for (Index c32 = c_begin + warp; c32 < c_end; c32 += 4) {
+  // This warp takes every 4th 32-channel chunk of the split (the block's 4 warps read 256
+  // contiguous bytes of each row together), walking each stream's rows; the X tile of the next
+  // iteration is loaded before the current one is multiplied (two tiles in flight per warp).
+  const Index my_begin = c_begin + warp;
+  const Index my_chunks = c_end > my_begin ? (c_end - my_begin + 3) / 4 : 0;
+  const int iters = static_cast<int>(my_chunks) * n;
+  auto load_a = [&](int i, Index c32, uint4 (&a)[MT][2]) {
 #pragma unroll
-    for (int i = 0; i < n; ++i) {
-      uint4 a[MT][2];
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int m = 0; m < MT; ++m)
+      for (int h = 0; h < 2; ++h)
+        a[m][h] = valid[m][h]
+                      ? __ldg(reinterpret_cast<const uint4*>(row[m][h] + i * ldx + c32 * 32))
+                      : make_uint4(0u, 0u, 0u, 0u);
+  };
+  uint4 a[MT][2], next[MT][2] = {};
+  int i_cur = 0;
+  Index c_cur = my_begin;  // (stream, chunk) of the current iteration
+  if (iters > 0) load_a(0, my_begin, a);
+  for (int it = 0; it < iters; ++it) {
+    int i_next = i_cur;
+    Index c_next = c_cur + 4;
+    if (c_next >= c_end) c_next = my_begin, ++i_next;
+    if (it + 1 < iters) load_a(i_next, c_next, next);
+    const Index kc = i_cur * chunks + c_cur;
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          a[m][h] = valid[m][h] ? __ldg(reinterpret_cast<const uint4*>(row[m][h] + i * ldx +
-                                                                       c32 * 32))
-                                : make_uint4(0u, 0u, 0u, 0u);
-      const Index kc = i * chunks + c32;
+    for (int nt = 0; nt < kMmaNT; ++nt) {
+      const uint4 bh = __ldg(Whi + (kc * kMmaNT + nt) * 32 + lane);
+      const uint4 bl = __ldg(Wlo + (kc * kMmaNT + nt) * 32 + lane);
 #pragma unroll
-      for (int nt = 0; nt < kMmaNT; ++nt) {
-        const uint4 bh = __ldg(Whi + (kc * kMmaNT + nt) * 32 + lane);
-        const uint4 bl = __ldg(Wlo + (kc * kMmaNT + nt) * 32 + lane);
+      for (int s = 0; s < 2; ++s) {
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
-#pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            const unsigned a0 = word(a[m][0], 2 * s), a1 = word(a[m][1], 2 * s);
-            const unsigned a2 = word(a[m][0], 2 * s + 1), a3 = word(a[m][1], 2 * s + 1);
-            mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bh, 2 * s), word(bh, 2 * s + 1));
-            mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bl, 2 * s), word(bl, 2 * s + 1));
-          }
+        for (int m = 0; m < MT; ++m) {
+          const unsigned a0 = word(a[m][0], 2 * s), a1 = word(a[m][1], 2 * s);
+          const unsigned a2 = word(a[m][0], 2 * s + 1), a3 = word(a[m][1], 2 * s + 1);
+          mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bh, 2 * s), word(bh, 2 * s + 1));
+          mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bl, 2 * s), word(bl, 2 * s + 1));
         }
       }
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        ss[m][0] += sum_squares8(a[m][0]);
-        ss[m][1] += sum_squares8(a[m][1]);
-      }
     }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      ss[m][0] += sum_squares8(a[m][0]);
+      ss[m][1] += sum_squares8(a[m][1]);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[m][h] = next[m][h];
+    }
+    i_cur = i_next;
+    c_cur = c_next;
   }
 
   __shared__ float red[4][kMmaTokens * P];
@@ -256,7 +272,7 @@ __global__ void __launch_bounds__(128)
 // ---- finalize: partials -> z, r, gates, Sinkhorn -----------------------------------------------
 
 template <int N>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(32)
     coefficients_finalize_kernel(int n_rt, Index T, Index C, int splits,
                                  const float* __restrict__ part, MappingParams p,
                                  Coefficients out) {
@@ -301,23 +317,19 @@ __global__ void __launch_bounds__(128)
 
 // ---- backward ----------------------------------------------------------------------------------
 
-/// One thread per token: dz from (dh_pre, dh_post, dH_res) through the shared gate and Sinkhorn
-/// backward, then q = dz / r and beta = (z . dz) / (n C r^2) to qb (T, nc + 1), and the token's
-/// dalpha (3) and dbias (nc) to tok (T, 3 + nc). `scratch` holds coefficient_backward_scratch
-/// floats per token (the Sinkhorn sums of the recomputed forward).
+/// Sinkhorn rounds whose sums the token kernel keeps in thread-local memory (which the hardware
+/// interleaves across threads); more iterations use per-token scratch in the workspace.
+inline constexpr int kLocalIterations = 32;
+
+/// One token of coefficients_backward_token_kernel, with `scratch` for the shared kernel.
 template <int N>
-__global__ void __launch_bounds__(128)
-    coefficients_backward_token_kernel(int n_rt, Index T, Index C, MappingParams p,
-                                       ConstCoefficients coef, const float* __restrict__ d_h_pre,
-                                       const float* __restrict__ d_h_post,
-                                       const float* __restrict__ d_H_res, float* __restrict__ qb,
-                                       float* __restrict__ tok, float* __restrict__ scratch,
-                                       int scratch_len) {
+__device__ __forceinline__ void coefficients_backward_token(
+    int n, Index t, Index C, const MappingParams& p, const ConstCoefficients& coef,
+    const float* __restrict__ d_h_pre, const float* __restrict__ d_h_post,
+    const float* __restrict__ d_H_res, float* __restrict__ qb, float* __restrict__ tok,
+    float* scratch) {
   constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM;
-  const int n = N > 0 ? N : n_rt;
   const int nc = coef_count(n);
-  const Index t = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x;
-  if (t >= T) return;
   float z[NCM], dz[NCM], dhp[NM], dhq[NM], dH[NM * NM];
   float dal[3] = {0.f, 0.f, 0.f}, dbp[NM], dbq[NM], dbr[NM * NM];
 #pragma unroll
@@ -336,7 +348,7 @@ __global__ void __launch_bounds__(128)
   const mhc::detail::GateParams<float> gp{p.alpha[0], p.alpha[1], p.alpha[2],
                                           p.bias,     p.bias + n, p.bias + 2 * n};
   mhc::detail::mhc_coefficients_backward<N>(n, p.iterations, z, gp, dhp, dhq, dH, dz, dal, dbp,
-                                            dbq, dbr, scratch + t * scratch_len);
+                                            dbq, dbr, scratch);
   const float r = coef.r[t];
   float zdz = 0.f;
 #pragma unroll
@@ -359,115 +371,142 @@ __global__ void __launch_bounds__(128)
     if (k < n * n) dst[3 + 2 * n + k] = dbr[k];
 }
 
-inline constexpr int kGradTokens = 16;  // tokens staged per shared-memory batch
+/// One thread per token: dz from (dh_pre, dh_post, dH_res) through the shared gate and Sinkhorn
+/// backward, then q = dz / r and beta = (z . dz) / (n C r^2) to qb (T, nc + 1), and the token's
+/// dalpha (3) and dbias (nc) to tok (T, 3 + nc). The Sinkhorn sums of the recomputed forward
+/// live in thread-local memory up to kLocalIterations, else in `scratch` (scratch_len per token).
+template <int N>
+__global__ void __launch_bounds__(32)
+    coefficients_backward_token_kernel(int n_rt, Index T, Index C, MappingParams p,
+                                       ConstCoefficients coef, const float* __restrict__ d_h_pre,
+                                       const float* __restrict__ d_h_post,
+                                       const float* __restrict__ d_H_res, float* __restrict__ qb,
+                                       float* __restrict__ tok, float* __restrict__ scratch,
+                                       int scratch_len) {
+  constexpr int NM = max_streams_v<N>;
+  const int n = N > 0 ? N : n_rt;
+  const Index t = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x;
+  if (t >= T) return;
+  if (p.iterations <= kLocalIterations) {
+    float local[mhc::detail::coefficient_backward_scratch(NM, kLocalIterations)];
+    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, tok, local);
+  } else {
+    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, tok,
+                                   scratch + t * scratch_len);
+  }
+}
 
-/// One pass over the channels of a token chunk (grid (channel blocks, chunks), n * (256 / n)
-/// threads; thread (i, CV channels)):
-///   dX[t][i][c] = (accumulate ? dX : 0) + [G]  sum_j H_res[t][j][i] G[t][j][c]
-///                                      + [du] h_pre[t][i] du[t][c]
-///                                      + [qb] sum_m W[i C + c][m] q[t][m] - beta[t] X[t][i][c]
-///   dWpart[chunk][i C + c][m] = sum over the chunk's tokens of X[t][i][c] q[t][m]      ([qb])
-/// Null G / du / qb drop their term; the W row of a thread stays in registers for the chunk.
-template <int N, int CV, typename S>
-__global__ void __launch_bounds__(256)
+inline constexpr int kGradTokens = 64;  // tokens staged per shared-memory batch
+inline constexpr int kGradGroups = 32;  // channel groups (threads) per stream in a block
+
+/// Tokens whose loads a thread issues together in input_grad_kernel (registers permitting).
+template <int N>
+inline constexpr int grad_unroll_v = N == 4 ? 4 : 1;
+
+/// One pass over the channels of a token chunk (grid (channel blocks, chunks), n * kGradGroups
+/// threads; thread (stream i, channel c)):
+///   dX[t][i][c] = (ACCUM ? dX : 0) + [FUSED] sum_j H_res[t][j][i] G[t][j][c] + h_pre[t][i] du[t][c]
+///                                  + sum_m W[i C + c][m] q[t][m] - beta[t] X[t][i][c]
+///   dWpart[chunk][i C + c][m] = sum over the chunk's tokens of X[t][i][c] q[t][m]
+/// The W row of a thread stays in registers for the chunk. The loads of U tokens are issued
+/// together, without branches (a tail token re-reads the last one and is masked), so U tokens
+/// of memory traffic are in flight per thread.
+template <int N, typename S, bool FUSED, bool ACCUM>
+__global__ void __launch_bounds__(N == 4 ? 4 * kGradGroups : kMaxCudaStreams * kGradGroups)
     input_grad_kernel(int n_rt, Index T, Index C, const S* __restrict__ G, Index ldg,
                       const S* __restrict__ du, Index ldu, const S* __restrict__ X, Index ldx,
                       const float* __restrict__ W, ConstCoefficients coef,
-                      const float* __restrict__ qb, S* dX, Index lddx, bool accumulate,
+                      const float* __restrict__ qb, S* __restrict__ dX, Index lddx,
                       Index tokens_per_chunk, float* __restrict__ dW_part) {
-  constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM;
+  constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM, U = grad_unroll_v<N>;
   constexpr int QS = (NCM + 1 + 3) / 4 * 4;  // row stride of the staged q (+ beta)
   const int n = N > 0 ? N : n_rt;
   const int nc = coef_count(n);
-  const int groups = 256 / n;
-  const int i = threadIdx.x / groups, g = threadIdx.x % groups;
-  const Index c = (static_cast<Index>(blockIdx.x) * groups + g) * CV;
-  const bool active = i < n && c < C;
+  const int i = threadIdx.x / kGradGroups, g = threadIdx.x % kGradGroups;
+  const Index c = static_cast<Index>(blockIdx.x) * kGradGroups + g;
+  const bool active = c < C;
   const Index t_begin = blockIdx.y * tokens_per_chunk;
   const Index t_end = t_begin + tokens_per_chunk < T ? t_begin + tokens_per_chunk : T;
 
-  __shared__ float s_q[kGradTokens * QS];
+  __shared__ __align__(16) float s_q[kGradTokens * QS];
   __shared__ float s_hpre[kGradTokens * NM];
   __shared__ float s_H[kGradTokens * NM * NM];
 
-  float w[CV][NCM], dw[CV][NCM];
+  float w[NCM], dw[NCM];
 #pragma unroll
-  for (int e = 0; e < CV; ++e)
-#pragma unroll
-    for (int m = 0; m < NCM; ++m) {
-      w[e][m] = (qb && active && m < nc) ? __ldg(W + (i * C + c + e) * nc + m) : 0.f;
-      dw[e][m] = 0.f;
-    }
+  for (int m = 0; m < NCM; ++m) {
+    w[m] = (active && m < nc) ? __ldg(W + (i * C + c) * nc + m) : 0.f;
+    dw[m] = 0.f;
+  }
+  const Index cc = active ? c : 0;  // inactive threads read a valid element and store nothing
+  const S* g_col = FUSED ? G + cc : G;
+  const S* du_col = FUSED ? du + cc : du;
+  const S* x_col = X + i * ldx + cc;
+  S* dx_col = dX + i * lddx + cc;
 
   for (Index b0 = t_begin; b0 < t_end; b0 += kGradTokens) {
     const int nb = static_cast<int>(t_end - b0 < kGradTokens ? t_end - b0 : kGradTokens);
     __syncthreads();
     for (int k = threadIdx.x; k < nb * QS; k += blockDim.x) {
       const int tt = k / QS, m = k % QS;
-      s_q[k] = (qb && m <= nc) ? qb[(b0 + tt) * (nc + 1) + m] : 0.f;
+      s_q[k] = m <= nc ? qb[(b0 + tt) * (nc + 1) + m] : 0.f;
     }
-    for (int k = threadIdx.x; k < nb * n; k += blockDim.x)
-      s_hpre[k] = du ? coef.h_pre[b0 * n + k] : 0.f;
-    for (int k = threadIdx.x; k < nb * n * n; k += blockDim.x)
-      s_H[k] = G ? coef.H_res[b0 * n * n + k] : 0.f;
+    if (FUSED) {
+      for (int k = threadIdx.x; k < nb * n; k += blockDim.x) s_hpre[k] = coef.h_pre[b0 * n + k];
+      for (int k = threadIdx.x; k < nb * n * n; k += blockDim.x) s_H[k] = coef.H_res[b0 * n * n + k];
+    }
     __syncthreads();
-    if (!active) continue;
-    for (int tt = 0; tt < nb; ++tt) {
-      const Index t = b0 + tt;
-      float out[CV], x[CV];
-      if (accumulate) {
-        load_vec<CV>(dX + (t * n + i) * lddx + c, out);
-      } else {
+    for (int tt0 = 0; tt0 < nb; tt0 += U) {
+      float x[U], old[U], gv[U][NM], d[U];
 #pragma unroll
-        for (int e = 0; e < CV; ++e) out[e] = 0.f;
-      }
-      if (G) {
+      for (int u = 0; u < U; ++u) {  // loads of U tokens, branch-free
+        const int tt = tt0 + u < nb ? tt0 + u : nb - 1;
+        const Index t = b0 + tt;
+        x[u] = to_float(x_col[t * n * ldx]);
+        if (ACCUM) old[u] = to_float(dx_col[t * n * lddx]);
+        if (FUSED) {
 #pragma unroll
-        for (int j = 0; j < NM; ++j) {
-          if (j < n) {
-            float gj[CV];
-            load_vec<CV>(G + (t * n + j) * ldg + c, gj);
-            const float hji = s_H[tt * n * n + j * n + i];
-#pragma unroll
-            for (int e = 0; e < CV; ++e) out[e] += hji * gj[e];
-          }
+          for (int j = 0; j < NM; ++j)
+            if (j < n) gv[u][j] = to_float(g_col[(t * n + j) * ldg]);
+          d[u] = to_float(du_col[t * ldu]);
         }
       }
-      if (du) {
-        float d[CV];
-        load_vec<CV>(du + t * ldu + c, d);
-        const float hp = s_hpre[tt * n + i];
 #pragma unroll
-        for (int e = 0; e < CV; ++e) out[e] += hp * d[e];
-      }
-      if (qb) {
-        load_vec<CV>(X + (t * n + i) * ldx + c, x);
+      for (int u = 0; u < U; ++u) {
+        const int tt = tt0 + u < nb ? tt0 + u : nb - 1;
+        const float live = tt0 + u < nb ? 1.f : 0.f;
         const float* qrow = s_q + tt * QS;
-        const float beta = qrow[nc];
+        float out = ACCUM ? old[u] : 0.f;
+        if (FUSED) {
 #pragma unroll
-        for (int m = 0; m < NCM; ++m) {
-          if (m < nc) {
-            const float qm = qrow[m];
+          for (int j = 0; j < NM; ++j)
+            if (j < n) out += s_H[tt * n * n + j * n + i] * gv[u][j];
+          out += s_hpre[tt * n + i] * d[u];
+        }
+        const float xl = x[u] * live;
 #pragma unroll
-            for (int e = 0; e < CV; ++e) {
-              out[e] += w[e][m] * qm;
-              dw[e][m] += x[e] * qm;
+        for (int m4 = 0; m4 < QS / 4; ++m4) {
+          const float4 q4 = *reinterpret_cast<const float4*>(qrow + 4 * m4);
+          const float qv[4] = {q4.x, q4.y, q4.z, q4.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const int m = 4 * m4 + k;
+            if (m < NCM && m < nc) {
+              out += w[m] * qv[k];
+              dw[m] += xl * qv[k];
             }
           }
         }
-#pragma unroll
-        for (int e = 0; e < CV; ++e) out[e] -= beta * x[e];
+        out -= qrow[nc] * x[u];
+        if (active && tt0 + u < nb) dx_col[(b0 + tt) * n * lddx] = from_float<S>(out);
       }
-      store_vec<CV>(dX + (t * n + i) * lddx + c, out);
     }
   }
-  if (qb && active) {
+  if (active) {
     float* dst = dW_part + static_cast<Index>(blockIdx.y) * n * C * nc;
 #pragma unroll
-    for (int e = 0; e < CV; ++e)
-#pragma unroll
-      for (int m = 0; m < NCM; ++m)
-        if (m < nc) dst[(i * C + c + e) * nc + m] = dw[e][m];
+    for (int m = 0; m < NCM; ++m)
+      if (m < nc) dst[(i * C + c) * nc + m] = dw[m];
   }
 }
 
@@ -507,17 +546,16 @@ inline ProjectionPlan projection_plan(int n, Index T, Index C, bool mma, bool ve
 }
 
 struct InputGradPlan {
-  int cv, groups, blocks_x, chunks;
+  int groups, blocks_x, chunks;
   Index tokens_per_chunk;
 };
 
-inline InputGradPlan input_grad_plan(int n, Index T, Index C, bool vec) {
+inline InputGradPlan input_grad_plan(Index T, Index C) {
   InputGradPlan pl{};
-  pl.cv = (vec && n == 4) ? 2 : 1;
-  pl.groups = 256 / n;
-  pl.blocks_x = ceil_div(C, static_cast<Index>(pl.groups) * pl.cv);
+  pl.groups = kGradGroups;  // one channel per thread: W row and dW take 2 (n^2 + 2n) registers
+  pl.blocks_x = ceil_div(C, pl.groups);
   const Index max_chunks = (T + kGradTokens - 1) / kGradTokens;
-  Index chunks = ceil_div(kTargetBlocks, pl.blocks_x);
+  Index chunks = ceil_div(2 * kTargetBlocks, pl.blocks_x);
   if (chunks > max_chunks) chunks = max_chunks;
   if (chunks < 1) chunks = 1;
   pl.tokens_per_chunk = (T + chunks - 1) / chunks;
@@ -552,15 +590,15 @@ struct BackwardWorkspace {
   int scratch_len;
 };
 
-inline BackwardWorkspace backward_workspace(Carve& cv, int n, Index T, Index C, int iterations,
-                                            bool vec) {
+inline BackwardWorkspace backward_workspace(Carve& cv, int n, Index T, Index C, int iterations) {
   const int nc = coef_count(n);
   BackwardWorkspace ws{};
-  ws.scratch_len = mhc::detail::coefficient_backward_scratch(n, iterations);
+  ws.scratch_len =
+      iterations > kLocalIterations ? mhc::detail::coefficient_backward_scratch(n, iterations) : 0;
   ws.qb = cv.take<float>(static_cast<std::size_t>(T) * (nc + 1));
   ws.tok = cv.take<float>(static_cast<std::size_t>(T) * (3 + nc));
   ws.scratch = cv.take<float>(static_cast<std::size_t>(T) * ws.scratch_len);
-  const InputGradPlan pl = input_grad_plan(n, T, C, vec);
+  const InputGradPlan pl = input_grad_plan(T, C);
   ws.dW_part = cv.take<float>(static_cast<std::size_t>(pl.chunks) * n * C * nc);
   return ws;
 }
@@ -643,8 +681,8 @@ inline Status coefficients_forward(int n, Index T, Index C, const S* X, Index ld
         project_generic_kernel<N, 1><<<grid, 256, 0, stream>>>(n, T, C, X, ldx, p.W, pl.splits,
                                                                ws.part);
     }
-    coefficients_finalize_kernel<N><<<ceil_div(T, 128), 128, 0, stream>>>(n, T, C, pl.splits,
-                                                                           ws.part, p, out);
+    coefficients_finalize_kernel<N><<<ceil_div(T, 32), 32, 0, stream>>>(n, T, C, pl.splits,
+                                                                         ws.part, p, out);
     return last_launch_status();
   });
 }
@@ -656,11 +694,8 @@ inline std::size_t coefficients_backward_workspace_size(int n, Index T, Index C,
       iterations > kMaxSinkhornIterations)
     return 0;
   detail::Carve cv(nullptr);
-  // The channel-vector plan only changes CV (and so not the sizes); take the larger of both.
-  detail::Carve cv2(nullptr);
-  detail::backward_workspace(cv, n, T, C, iterations, true);
-  detail::backward_workspace(cv2, n, T, C, iterations, false);
-  return cv.bytes() > cv2.bytes() ? cv.bytes() : cv2.bytes();
+  detail::backward_workspace(cv, n, T, C, iterations);
+  return cv.bytes();
 }
 
 namespace detail {
@@ -675,31 +710,33 @@ inline Status coefficients_backward_impl(int n, Index T, Index C, const S* G, In
                                          const float* d_H_res, S* dX, Index lddx, bool accumulate,
                                          float* dW, float* d_alpha, float* d_bias, Carve& cv,
                                          cudaStream_t stream) {
-  const bool vec = C % kVec == 0 && vec_ok(X, ldx) && vec_ok(dX, lddx) && vec_ok(G, ldg) &&
-                   vec_ok(du, ldu);
-  const BackwardWorkspace ws = backward_workspace(cv, n, T, C, p.iterations, vec);
-  const InputGradPlan pl = input_grad_plan(n, T, C, vec);
+  const BackwardWorkspace ws = backward_workspace(cv, n, T, C, p.iterations);
+  const InputGradPlan pl = input_grad_plan(T, C);
   const int nc = coef_count(n);
   return dispatch_streams(n, [&](auto nn) {
     constexpr int N = decltype(nn)::value;
-    coefficients_backward_token_kernel<N><<<ceil_div(T, 128), 128, 0, stream>>>(
+    coefficients_backward_token_kernel<N><<<ceil_div(T, 32), 32, 0, stream>>>(
         n, T, C, p, coef, d_h_pre, d_h_post, d_H_res, ws.qb, ws.tok, ws.scratch, ws.scratch_len);
     const dim3 grid(pl.blocks_x, pl.chunks);
     const int threads = n * pl.groups;
-    if (pl.cv == 2)
-      input_grad_kernel<N, 2, S><<<grid, threads, 0, stream>>>(
-          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, accumulate,
-          pl.tokens_per_chunk, ws.dW_part);
+    if (G)  // the fused layer backward: dX written from all three terms
+      input_grad_kernel<N, S, true, false><<<grid, threads, 0, stream>>>(
+          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
+          ws.dW_part);
+    else if (accumulate)
+      input_grad_kernel<N, S, false, true><<<grid, threads, 0, stream>>>(
+          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
+          ws.dW_part);
     else
-      input_grad_kernel<N, 1, S><<<grid, threads, 0, stream>>>(
-          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, accumulate,
-          pl.tokens_per_chunk, ws.dW_part);
+      input_grad_kernel<N, S, false, false><<<grid, threads, 0, stream>>>(
+          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
+          ws.dW_part);
     const Index w_size = static_cast<Index>(n) * C * nc;
     chunk_sum_kernel<<<elementwise_blocks(w_size), 256, 0, stream>>>(w_size, pl.chunks,
                                                                      ws.dW_part, dW);
-    // tok rows are (dalpha (3), dbias (nc)): one column sum each, then split into the outputs.
-    column_sum_kernel<<<3, 256, 0, stream>>>(T, 3 + nc, ws.tok, d_alpha);
-    column_sum_kernel<<<nc, 256, 0, stream>>>(T, 3 + nc, ws.tok + 3, d_bias);
+    // tok rows are (dalpha (3), dbias (nc)): one fixed-order column sum per output.
+    column_sum_kernel<<<3, 1024, 0, stream>>>(T, 3 + nc, ws.tok, d_alpha);
+    column_sum_kernel<<<nc, 1024, 0, stream>>>(T, 3 + nc, ws.tok + 3, d_bias);
     return last_launch_status();
   });
 }

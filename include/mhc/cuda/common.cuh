@@ -223,12 +223,12 @@ __global__ void split_sum_kernel(Index T, int splits, int P, const float* __rest
 }
 
 /// Column sums over rows in a fixed order: out[j] = sum_t rows[t][j], rows (count, width); one
-/// block of 256 threads per column.
+/// block (up to 1024 threads) per column.
 template <int Unused = 0>
-__global__ void __launch_bounds__(256) column_sum_kernel(Index count, int width,
-                                                         const float* __restrict__ rows,
-                                                         float* __restrict__ out) {
-  __shared__ float scratch[8];
+__global__ void __launch_bounds__(1024) column_sum_kernel(Index count, int width,
+                                                          const float* __restrict__ rows,
+                                                          float* __restrict__ out) {
+  __shared__ float scratch[32];
   __shared__ float total[1];
   const int j = blockIdx.x;
   float v[1] = {0.f};
