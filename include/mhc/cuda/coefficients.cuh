@@ -402,6 +402,7 @@ inline constexpr int kGradGroups = 32;  // channel groups (threads) per stream i
 /// Tokens whose loads a thread issues together in input_grad_kernel (registers permitting).
 template <int N>
 inline constexpr int grad_unroll_v = N == 4 ? 4 : 1;
+inline constexpr int kGradPrefetch = 16;  // tokens ahead that input_grad_kernel prefetches to L2
 
 /// One pass over the channels of a token chunk (grid (channel blocks, chunks), n * kGradGroups
 /// threads; thread (stream i, channel c)):
@@ -457,6 +458,18 @@ __global__ void __launch_bounds__(N == 4 ? 4 * kGradGroups : kMaxCudaStreams * k
     }
     __syncthreads();
     for (int tt0 = 0; tt0 < nb; tt0 += U) {
+      // L2 prefetch of the rows kGradPrefetch tokens ahead (clamped to the chunk): warp i brings
+      // its stream's X row and G row i, warp 0 the du row.
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        Index tp = b0 + tt0 + u + kGradPrefetch;
+        tp = tp < t_end ? tp : t_end - 1;
+        prefetch_l2(x_col + tp * n * ldx);
+        if (FUSED) {
+          if (i < n) prefetch_l2(g_col + (tp * n + i) * ldg);
+          if (i == 0) prefetch_l2(du_col + tp * ldu);
+        }
+      }
       float x[U], old[U], gv[U][NM], d[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {  // loads of U tokens, branch-free

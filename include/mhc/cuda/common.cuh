@@ -170,6 +170,12 @@ __device__ __forceinline__ void store_vec(S* p, const float (&v)[VEC]) {
   }
 }
 
+/// Hint: bring the 32-byte sector holding p into L2 (no register result, never faults on a valid
+/// address; callers keep p inside their buffers).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // ---- deterministic sums ------------------------------------------------------------------------
 
 __device__ __forceinline__ float warp_sum(float x) {
