@@ -93,7 +93,7 @@ void gradient_case(const Shape& s, bool is_static, bool near_identity) {
     const RowMat<double> dX = dXp.to_double() - D0;
     const auto gX = check_gradient(
         [&](const Eigen::VectorXd& v) { return loss_of(unflat(v, X.rows(), X.cols()), p); },
-        flat(X), flat(dX), rng, 1e-6, 60);
+        flat(X), flat(dX), rng, 1e-6, fd_coords(60));
     CAPTURE(gX.worst, gX.analytic, gX.numeric);
     CHECK(gX.max_error < 1e-6);
     const auto gW = check_gradient(
@@ -102,7 +102,7 @@ void gradient_case(const Shape& s, bool is_static, bool near_identity) {
           q.W = unflat(v, p.W.rows(), M);
           return loss_of(X, q);
         },
-        flat(p.W), flat(dW), rng, 1e-6, 60);
+        flat(p.W), flat(dW), rng, 1e-6, fd_coords(60));
     CAPTURE(gW.worst, gW.analytic, gW.numeric);
     CHECK(gW.max_error < 1e-6);
   }

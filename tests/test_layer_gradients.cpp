@@ -73,7 +73,7 @@ void layer_case(int n, Index C, Index T, bool is_static) {
     return dot(G, layer.forward(x, q));
   };
   const auto gX = check_gradient([&](const Eigen::VectorXd& v) { return loss(unflat(v, T * n, C), p); },
-                                 flat(X), flat(dX), rng, 1e-6, 80);
+                                 flat(X), flat(dX), rng, 1e-6, fd_coords(80));
   CAPTURE(gX.worst, gX.analytic, gX.numeric);
   CHECK(gX.max_error < 1e-6);
   if (!is_static) {
@@ -83,7 +83,7 @@ void layer_case(int n, Index C, Index T, bool is_static) {
           q.W = unflat(v, p.W.rows(), M);
           return loss(X, q);
         },
-        flat(p.W), flat(dW), rng, 1e-6, 60);
+        flat(p.W), flat(dW), rng, 1e-6, fd_coords(60));
     CAPTURE(gW.worst, gW.analytic, gW.numeric);
     CHECK(gW.max_error < 1e-6);
   }

@@ -49,7 +49,7 @@ void premix_case(const Shape& s, bool broadcast, Index pad) {
   const auto lossX = [&](const Eigen::VectorXd& x) {
     return dot(Gu, premix_ref(unflat(x, s.T * n, s.C), h, n));
   };
-  const auto gX = check_gradient(lossX, flat(X), flat(dX), rng, 1e-3, 200);
+  const auto gX = check_gradient(lossX, flat(X), flat(dX), rng, 1e-3, fd_coords(200));
   CAPTURE(gX.worst, gX.analytic, gX.numeric);
   CHECK(gX.max_error < 1e-7);
   // d_h_pre is per token; with a broadcast row the gradient of that row is the sum over tokens.
@@ -57,7 +57,7 @@ void premix_case(const Shape& s, bool broadcast, Index pad) {
     return dot(Gu, premix_ref(X, unflat(x, h.rows(), n), n));
   };
   const RowMat<double> dh_row = broadcast ? RowMat<double>(dh.colwise().sum()) : dh;
-  const auto gH = check_gradient(lossH, flat(h), flat(dh_row), rng, 1e-3);
+  const auto gH = check_gradient(lossH, flat(h), flat(dh_row), rng, 1e-3, fd_coords(400));
   CAPTURE(gH.worst, gH.analytic, gH.numeric);
   CHECK(gH.max_error < 1e-7);
 }
@@ -96,19 +96,19 @@ void update_case(const Shape& s, bool broadcast, Index pad) {
     return dot(G, update_ref(x, h_res, h_post, yy, n));
   };
   const auto gX = check_gradient([&](const Eigen::VectorXd& v) { return loss(unflat(v, X.rows(), X.cols()), H, hq, y); },
-                                 flat(X), flat(dXp.to_double()), rng, 1e-3, 200);
+                                 flat(X), flat(dXp.to_double()), rng, 1e-3, fd_coords(200));
   CAPTURE(gX.worst, gX.analytic, gX.numeric);
   CHECK(gX.max_error < 1e-7);
   const auto gy = check_gradient([&](const Eigen::VectorXd& v) { return loss(X, H, hq, unflat(v, y.rows(), y.cols())); },
-                                 flat(y), flat(dyp.to_double()), rng, 1e-3, 200);
+                                 flat(y), flat(dyp.to_double()), rng, 1e-3, fd_coords(200));
   CAPTURE(gy.worst, gy.analytic, gy.numeric);
   CHECK(gy.max_error < 1e-7);
   const auto gH = check_gradient([&](const Eigen::VectorXd& v) { return loss(X, unflat(v, H.rows(), H.cols()), hq, y); },
-                                 flat(H), flat(reduce(dH)), rng, 1e-3);
+                                 flat(H), flat(reduce(dH)), rng, 1e-3, fd_coords(400));
   CAPTURE(gH.worst, gH.analytic, gH.numeric);
   CHECK(gH.max_error < 1e-7);
   const auto gq = check_gradient([&](const Eigen::VectorXd& v) { return loss(X, H, unflat(v, hq.rows(), hq.cols()), y); },
-                                 flat(hq), flat(reduce(dhq)), rng, 1e-3);
+                                 flat(hq), flat(reduce(dhq)), rng, 1e-3, fd_coords(400));
   CAPTURE(gq.worst, gq.analytic, gq.numeric);
   CHECK(gq.max_error < 1e-7);
 

@@ -166,3 +166,31 @@ TEST_CASE("float storage matches double within the stated tolerance", "[float]")
   storage_case<float, mhc::Dynamic>(8, 64, 5);
   storage_case<float, 2>(2, 3, 9);
 }
+
+TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat16", "[bf16]") {
+  const auto seed = fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  std::vector<float> values = {0.f, -0.f, 1.f, -1.f, 1.00390625f /* tie: 1 + 2^-8 */,
+                               1.01171875f /* tie, odd */, 3.0e38f, -3.4e38f, 1e-40f, -1e-45f,
+                               std::numeric_limits<float>::infinity(),
+                               -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::min()};
+  for (int k = 0; k < 5000; ++k) values.push_back(static_cast<float>(uniform(rng, -1, 1) * std::pow(2.0, uniform(rng, -130, 128))));
+  std::vector<mhc::bf16> ours(values.size());
+  mhc::detail::float_to_bf16(values.data(), ours.data(), Index(values.size()));
+  std::vector<float> back(values.size());
+  mhc::detail::bf16_to_float(ours.data(), back.data(), Index(values.size()));
+  for (size_t k = 0; k < values.size(); ++k) {
+    const mhc::bf16 ref(values[k]);
+    CAPTURE(values[k]);
+    CHECK(Eigen::numext::bit_cast<std::uint16_t>(ours[k]) == Eigen::numext::bit_cast<std::uint16_t>(ref));
+    CHECK(back[k] == static_cast<float>(ref));
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  mhc::bf16 b;
+  mhc::detail::float_to_bf16(&nan, &b, 1);
+  CHECK(Eigen::numext::isnan(b));
+  float f;
+  mhc::detail::bf16_to_float(&b, &f, 1);
+  CHECK(std::isnan(f));
+}

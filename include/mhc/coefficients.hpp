@@ -150,7 +150,7 @@ struct CoefficientKernels {
           if constexpr (std::is_same<Scalar, Real>::value) {
             v[t] = src;
           } else {
-            Eigen::Map<Eigen::Array<Real, 1, W>>(converted[t], w) = load_row<Real, W>(src, w);
+            bf16_to_float(src, converted[t], w);
             v[t] = converted[t];
           }
           ss[t] += Eigen::Map<const Eigen::Array<Real, 1, W>>(v[t], w).square().sum();

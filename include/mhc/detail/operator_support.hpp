@@ -11,6 +11,8 @@
 #include <type_traits>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "mhc/detail/check.hpp"
 #include "mhc/detail/threading.hpp"
@@ -54,16 +56,55 @@ inline void for_each_column_block(Index C, F&& block) {
   if (c0 < C) block(c0, std::integral_constant<int, Eigen::Dynamic>{}, C - c0);
 }
 
-/// w storage elements at src as a compute-type row.
+/// bfloat16 <-> float on raw bits, written as plain loops the compiler vectorises (Eigen's scalar
+/// casts of Eigen::bfloat16 do not vectorise). float -> bf16 rounds to nearest even; a NaN stays a
+/// (quiet) NaN of the same sign.
+inline void bf16_to_float(const bf16* src, float* dst, Index w) {
+  const auto* bits = reinterpret_cast<const std::uint16_t*>(src);
+  for (Index k = 0; k < w; ++k) {
+    const std::uint32_t u = std::uint32_t(bits[k]) << 16;
+    std::memcpy(dst + k, &u, sizeof(float));
+  }
+}
+inline void float_to_bf16(const float* src, bf16* dst, Index w) {
+  auto* bits = reinterpret_cast<std::uint16_t*>(dst);
+  for (Index k = 0; k < w; ++k) {
+    std::uint32_t u;
+    std::memcpy(&u, src + k, sizeof(float));
+    const std::uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    bits[k] = static_cast<std::uint16_t>(nan ? ((u >> 16) | 0x0040u) : rounded);
+  }
+}
+
+/// Compute-type row of `Width` columns (Dynamic: at most kColumnBlock).
+template <typename Real, int Width>
+using LoadedRow = Eigen::Array<Real, 1, Width, Eigen::RowMajor, 1,
+                               Width == Eigen::Dynamic ? kColumnBlock : Width>;
+
+/// w storage elements at src as a compute-type row: a view for float/double, a converted copy
+/// for bf16.
 template <typename Real, int Width, typename Scalar>
 inline auto load_row(const Scalar* src, Index w) {
-  return Eigen::Map<const Eigen::Array<Scalar, 1, Width>>(src, w).template cast<Real>();
+  if constexpr (std::is_same<Scalar, bf16>::value) {
+    static_assert(std::is_same<Real, float>::value, "bf16 loads to float");
+    LoadedRow<float, Width> row(1, w);
+    bf16_to_float(src, row.data(), w);
+    return row;
+  } else {
+    return Eigen::Map<const Eigen::Array<Scalar, 1, Width>>(src, w).template cast<Real>();
+  }
 }
 
 /// Stores a compute-type row expression into w storage elements (rounded to nearest for bf16).
 template <int Width, typename Scalar, typename Expr>
 inline void store_row(Scalar* dst, Index w, const Expr& row) {
-  Eigen::Map<Eigen::Array<Scalar, 1, Width>>(dst, w) = row.template cast<Scalar>();
+  if constexpr (std::is_same<Scalar, bf16>::value) {
+    const LoadedRow<float, Width> values = row;
+    float_to_bf16(values.data(), dst, w);
+  } else {
+    Eigen::Map<Eigen::Array<Scalar, 1, Width>>(dst, w) = row.template cast<Scalar>();
+  }
 }
 
 /// A dot product accumulated over the column blocks of one token, in a fixed order: full blocks
