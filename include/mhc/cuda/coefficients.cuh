@@ -18,6 +18,8 @@
 //               and the per-chunk partial dW; dW, dalpha, dbias are summed in a fixed order.
 #pragma once
 
+#include <cuda_pipeline.h>
+
 #include "mhc/cuda/common.cuh"
 #include "mhc/detail/coefficient_kernel.hpp"
 
@@ -523,6 +525,98 @@ __global__ void __launch_bounds__(N == 4 ? 4 * kGradGroups : kMaxCudaStreams * k
   }
 }
 
+/// Tokens per shared-memory stage of input_grad_staged_kernel.
+inline constexpr int kStageTokens = 16;
+
+/// The fused layer case of input_grad_kernel for n = 4 with 16-byte-aligned rows and C % 32 == 0:
+/// the block's strips of G (4 rows), X (4 rows) and du (1 row) for kStageTokens tokens, and
+/// their q, beta, h_pre, H_res, are copied into shared memory with cp.async, double-buffered, so
+/// the next stage is in flight while the current one is computed (and G is read from memory
+/// once, not once per stream). Same results as input_grad_kernel<4, S, true, false>.
+template <typename S>
+__global__ void __launch_bounds__(4 * kGradGroups)
+    input_grad_staged_kernel(Index T, Index C, const S* __restrict__ G, Index ldg,
+                             const S* __restrict__ du, Index ldu, const S* __restrict__ X,
+                             Index ldx, const float* __restrict__ W, ConstCoefficients coef,
+                             const float* __restrict__ qb, S* __restrict__ dX, Index lddx,
+                             Index tokens_per_chunk, float* __restrict__ dW_part) {
+  constexpr int n = 4, nc = 24, ROWS = 2 * n + 1;       // G (n), X (n), du
+  constexpr int PIECES = kGradGroups * sizeof(S) / 16;  // 16-byte pieces per row strip
+  const int i = threadIdx.x / kGradGroups, g = threadIdx.x % kGradGroups;
+  const Index c0 = static_cast<Index>(blockIdx.x) * kGradGroups;
+  const Index c = c0 + g;
+  const Index t_begin = blockIdx.y * tokens_per_chunk;
+  const Index t_end = t_begin + tokens_per_chunk < T ? t_begin + tokens_per_chunk : T;
+
+  __shared__ __align__(16) S s_rows[2][kStageTokens][ROWS][kGradGroups];
+  __shared__ float s_q[2][kStageTokens][nc + 1];
+  __shared__ float s_hpre[2][kStageTokens][n];
+  __shared__ float s_H[2][kStageTokens][n * n];
+
+  float w[nc], dw[nc];
+#pragma unroll
+  for (int m = 0; m < nc; ++m) {
+    w[m] = __ldg(W + (i * C + c) * nc + m);
+    dw[m] = 0.f;
+  }
+
+  auto issue = [&](int buf, Index b0, int nb) {
+    for (int k = threadIdx.x; k < nb * ROWS * PIECES; k += blockDim.x) {
+      const int tt = k / (ROWS * PIECES), r = (k / PIECES) % ROWS, pc = k % PIECES;
+      const Index t = b0 + tt;
+      const S* src = r < n       ? G + (t * n + r) * ldg
+                     : r < 2 * n ? X + (t * n + (r - n)) * ldx
+                                 : du + t * ldu;
+      __pipeline_memcpy_async(&s_rows[buf][tt][r][pc * (16 / sizeof(S))],
+                              src + c0 + pc * (16 / sizeof(S)), 16);
+    }
+    for (int k = threadIdx.x; k < nb * (nc + 1); k += blockDim.x)
+      __pipeline_memcpy_async(&s_q[buf][k / (nc + 1)][k % (nc + 1)], qb + b0 * (nc + 1) + k, 4);
+    for (int k = threadIdx.x; k < nb * n; k += blockDim.x)
+      __pipeline_memcpy_async(&s_hpre[buf][k / n][k % n], coef.h_pre + b0 * n + k, 4);
+    for (int k = threadIdx.x; k < nb * n * n; k += blockDim.x)
+      __pipeline_memcpy_async(&s_H[buf][k / (n * n)][k % (n * n)], coef.H_res + b0 * n * n + k, 4);
+    __pipeline_commit();
+  };
+
+  const int stages = static_cast<int>((t_end - t_begin + kStageTokens - 1) / kStageTokens);
+  auto stage_tokens = [&](int st) {
+    const Index b0 = t_begin + static_cast<Index>(st) * kStageTokens;
+    return static_cast<int>(t_end - b0 < kStageTokens ? t_end - b0 : kStageTokens);
+  };
+  if (stages > 0) issue(0, t_begin, stage_tokens(0));
+  for (int st = 0; st < stages; ++st) {
+    const int buf = st & 1;
+    if (st + 1 < stages) {
+      issue(buf ^ 1, t_begin + static_cast<Index>(st + 1) * kStageTokens, stage_tokens(st + 1));
+      __pipeline_wait_prior(1);
+    } else {
+      __pipeline_wait_prior(0);
+    }
+    __syncthreads();
+    const Index b0 = t_begin + static_cast<Index>(st) * kStageTokens;
+    const int nb = stage_tokens(st);
+    for (int tt = 0; tt < nb; ++tt) {
+      const float x = to_float(s_rows[buf][tt][n + i][g]);
+      float out = s_hpre[buf][tt][i] * to_float(s_rows[buf][tt][2 * n][g]);
+#pragma unroll
+      for (int j = 0; j < n; ++j) out += s_H[buf][tt][j * n + i] * to_float(s_rows[buf][tt][j][g]);
+      const float* q = s_q[buf][tt];
+#pragma unroll
+      for (int m = 0; m < nc; ++m) {
+        out += w[m] * q[m];
+        dw[m] += x * q[m];
+      }
+      out -= q[nc] * x;
+      dX[((b0 + tt) * n + i) * lddx + c] = from_float<S>(out);
+    }
+    __syncthreads();  // the buffer is refilled by the next iteration's issue
+  }
+  float* dst = dW_part + static_cast<Index>(blockIdx.y) * n * C * nc;
+#pragma unroll
+  for (int m = 0; m < nc; ++m) dst[(i * C + c) * nc + m] = dw[m];
+}
+
 // ---- launch plans (sizes only; shared by the launchers and the workspace queries) --------------
 
 template <typename S>
@@ -732,18 +826,28 @@ inline Status coefficients_backward_impl(int n, Index T, Index C, const S* G, In
         n, T, C, p, coef, d_h_pre, d_h_post, d_H_res, ws.qb, ws.tok, ws.scratch, ws.scratch_len);
     const dim3 grid(pl.blocks_x, pl.chunks);
     const int threads = n * pl.groups;
-    if (G)  // the fused layer backward: dX written from all three terms
-      input_grad_kernel<N, S, true, false><<<grid, threads, 0, stream>>>(
-          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
-          ws.dW_part);
-    else if (accumulate)
-      input_grad_kernel<N, S, false, true><<<grid, threads, 0, stream>>>(
-          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
-          ws.dW_part);
-    else
-      input_grad_kernel<N, S, false, false><<<grid, threads, 0, stream>>>(
-          n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
-          ws.dW_part);
+    bool staged = false;
+    if constexpr (N == 4) {
+      staged = G && C % kGradGroups == 0 && vec_ok(G, ldg) && vec_ok(X, ldx) && vec_ok(du, ldu);
+      if (staged)
+        input_grad_staged_kernel<S><<<grid, threads, 0, stream>>>(
+            T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
+            ws.dW_part);
+    }
+    if (!staged) {
+      if (G)  // the fused layer backward: dX written from all three terms
+        input_grad_kernel<N, S, true, false><<<grid, threads, 0, stream>>>(
+            n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
+            ws.dW_part);
+      else if (accumulate)
+        input_grad_kernel<N, S, false, true><<<grid, threads, 0, stream>>>(
+            n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
+            ws.dW_part);
+      else
+        input_grad_kernel<N, S, false, false><<<grid, threads, 0, stream>>>(
+            n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
+            ws.dW_part);
+    }
     const Index w_size = static_cast<Index>(n) * C * nc;
     chunk_sum_kernel<<<elementwise_blocks(w_size), 256, 0, stream>>>(w_size, pl.chunks,
                                                                      ws.dW_part, dW);
