@@ -161,8 +161,13 @@ TEST_CASE("the gain probe: 1 for a fresh mHC stack, growing for a drifted HC sta
   init.projection_std = 0.3;
   mhc::Stack<double> m(L, C, 4, init);
   m.reserve(T, StackMemory::checkpoint);
-  m.forward(X, layers, out, &gain);
+  std::vector<mhc::DoublyStochasticError> ds(L);
+  m.forward(X, layers, out, &gain, ds.data());
   CHECK(gain.layers() == L);
+  for (int l = 0; l < L; ++l) {
+    CHECK(ds[l].row < 1e-12);
+    CHECK(ds[l].col < 1e-3);
+  }
   CHECK(gain.gains().forward == Approx(1.0).epsilon(1e-9));  // rows sum to 1 exactly after SK
   CHECK(gain.gains().backward == Approx(1.0).epsilon(1e-3));
   // HC with b_res = 1.1 I: each layer scales by about 1.1, the composite by about 1.1^L.
@@ -170,7 +175,8 @@ TEST_CASE("the gain probe: 1 for a fresh mHC stack, growing for a drifted HC sta
   for (int l = 0; l < L; ++l) h.block(l).params().b_res() *= 1.1;
   h.reserve(T, StackMemory::cache_all);
   gain.reset();
-  h.forward(X, layers, out, &gain);
+  h.forward(X, layers, out, &gain, ds.data());
+  CHECK(ds[0].row > 0.05);  // rows of 1.1 I plus a dynamic part of at most 4 * 0.01
   CHECK(gain.gains().forward > std::pow(1.1, L) * 0.8);
   CHECK(gain.gains().forward < std::pow(1.1, L) * 1.25);
 }

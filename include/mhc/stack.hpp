@@ -135,11 +135,12 @@ class Stack {
   }
 
   /// X (T*n, C) -> X_out (T*n, C) through all blocks; layers[l] is block l's layer (at least L
-  /// of them). X_out may be X itself. When `gain` is given (resized for T tokens and n), each
-  /// block's H_res is multiplied into it (nothing for the residual variant).
+  /// of them). X_out may be X itself. Optional diagnostics: `gain` (resized for T tokens and n)
+  /// gets each block's H_res multiplied into it; `ds_error` (L entries) gets each block's doubly
+  /// stochastic error (both untouched by the residual variant, whose H_res is the identity).
   template <typename Layers>
   void forward(const ConstBatchRef<Scalar>& X, Layers& layers, BatchRef<Scalar> X_out,
-               CompositeGain* gain = nullptr) {
+               CompositeGain* gain = nullptr, DoublyStochasticError* ds_error = nullptr) {
     constexpr const char* where = "Stack::forward";
     check_ready(where, layers);
     const Index rows = T_ * streams(), C = width();
@@ -160,8 +161,10 @@ class Stack {
         ctx = &pass_;
       }
       blocks_[static_cast<size_t>(l)].forward(X_out, layers[static_cast<size_t>(l)], X_out, *ctx);
-      if constexpr (Variant::kHasCoefficients)
+      if constexpr (Variant::kHasCoefficients) {
         if (gain) gain->multiply<Real>(ctx->last_H_res());
+        if (ds_error) ds_error[l] = doubly_stochastic_error<Real>(ctx->last_H_res(), streams());
+      }
     }
     has_forward_ = true;
   }
