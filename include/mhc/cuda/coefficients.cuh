@@ -548,10 +548,11 @@ __global__ void __launch_bounds__(4 * kGradGroups)
   const Index t_begin = blockIdx.y * tokens_per_chunk;
   const Index t_end = t_begin + tokens_per_chunk < T ? t_begin + tokens_per_chunk : T;
 
+  constexpr int QS = 28;  // q (24) and beta, rows padded to whole float4s
   __shared__ __align__(16) S s_rows[2][kStageTokens][ROWS][kGradGroups];
-  __shared__ float s_q[2][kStageTokens][nc + 1];
+  __shared__ __align__(16) float s_q[2][kStageTokens][QS];
   __shared__ float s_hpre[2][kStageTokens][n];
-  __shared__ float s_H[2][kStageTokens][n * n];
+  __shared__ __align__(16) float s_Ht[2][kStageTokens][n * n];  // H_res transposed: [i][j]
 
   float w[nc], dw[nc];
 #pragma unroll
@@ -574,8 +575,11 @@ __global__ void __launch_bounds__(4 * kGradGroups)
       __pipeline_memcpy_async(&s_q[buf][k / (nc + 1)][k % (nc + 1)], qb + b0 * (nc + 1) + k, 4);
     for (int k = threadIdx.x; k < nb * n; k += blockDim.x)
       __pipeline_memcpy_async(&s_hpre[buf][k / n][k % n], coef.h_pre + b0 * n + k, 4);
-    for (int k = threadIdx.x; k < nb * n * n; k += blockDim.x)
-      __pipeline_memcpy_async(&s_H[buf][k / (n * n)][k % (n * n)], coef.H_res + b0 * n * n + k, 4);
+    for (int k = threadIdx.x; k < nb * n * n; k += blockDim.x) {
+      const int ij = k % (n * n);  // H_res[j][i] with j = ij / n, i = ij % n -> s_Ht[i][j]
+      __pipeline_memcpy_async(&s_Ht[buf][k / (n * n)][(ij % n) * n + ij / n],
+                              coef.H_res + b0 * n * n + k, 4);
+    }
     __pipeline_commit();
   };
 
@@ -599,13 +603,19 @@ __global__ void __launch_bounds__(4 * kGradGroups)
     for (int tt = 0; tt < nb; ++tt) {
       const float x = to_float(s_rows[buf][tt][n + i][g]);
       float out = s_hpre[buf][tt][i] * to_float(s_rows[buf][tt][2 * n][g]);
-#pragma unroll
-      for (int j = 0; j < n; ++j) out += s_H[buf][tt][j * n + i] * to_float(s_rows[buf][tt][j][g]);
+      const float4 h = *reinterpret_cast<const float4*>(&s_Ht[buf][tt][i * n]);  // H_res[.][i]
+      out += h.x * to_float(s_rows[buf][tt][0][g]) + h.y * to_float(s_rows[buf][tt][1][g]) +
+             h.z * to_float(s_rows[buf][tt][2][g]) + h.w * to_float(s_rows[buf][tt][3][g]);
       const float* q = s_q[buf][tt];
 #pragma unroll
-      for (int m = 0; m < nc; ++m) {
-        out += w[m] * q[m];
-        dw[m] += x * q[m];
+      for (int m4 = 0; m4 < nc / 4; ++m4) {
+        const float4 q4 = *reinterpret_cast<const float4*>(q + 4 * m4);
+        const float qv[4] = {q4.x, q4.y, q4.z, q4.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          out += w[4 * m4 + k] * qv[k];
+          dw[4 * m4 + k] += x * qv[k];
+        }
       }
       out -= q[nc] * x;
       dX[((b0 + tt) * n + i) * lddx + c] = from_float<S>(out);
