@@ -11,6 +11,19 @@
 #include "support/catch.hpp"
 #include "support/testing.hpp"
 
+// Every member compiles for every storage type, variant and both kinds of n.
+template class mhc::Block<float, 4, mhc::MhcVariant>;
+template class mhc::Block<double, mhc::Dynamic, mhc::MhcVariant>;
+template class mhc::Block<mhc::bf16, 4, mhc::MhcVariant>;
+template class mhc::Block<float, 4, mhc::HcVariant>;
+template class mhc::Block<mhc::bf16, mhc::Dynamic, mhc::HcVariant>;
+template class mhc::Block<double, 3, mhc::MhcLiteVariant>;
+template class mhc::Block<mhc::bf16, 4, mhc::MhcLiteVariant>;
+template class mhc::Block<float, 1, mhc::ResidualVariant>;
+template class mhc::Block<mhc::bf16, 1, mhc::ResidualVariant>;
+template class mhc::BlockContext<mhc::bf16, 4, mhc::MhcVariant>;
+template class mhc::BlockWorkspace<double, mhc::Dynamic, mhc::HcVariant>;
+
 namespace {
 
 using mhc::Index;
@@ -376,4 +389,47 @@ TEST_CASE("the block rejects bad input before writing", "[block][errors]") {
   // A shared workspace of the wrong shape.
   B::Workspace ws(T, 4, C + 2);
   CHECK_THROWS_AS(B::Context(block, T, MemoryMode::cache, &ws), mhc::invalid_argument);
+}
+
+TEST_CASE("bf16 blocks agree with float blocks to bf16 precision", "[block]") {
+  const auto seed = mhc_test::fresh_seed();
+  CAPTURE(seed);
+  mhc_test::Rng rng(seed);
+  const Index T = 5, C = 16;
+  mhc::MhcBlock<float> bf(C);
+  mhc::HcBlock<float> hf(C);
+  randomize(bf, rng);
+  randomize(hf, rng);
+  mhc::MhcBlock<mhc::bf16> bb(C, bf.parameters().data());  // bf16 storage, float parameters
+  mhc::HcBlock<mhc::bf16> hb(C, hf.parameters().data());
+  mhc_test::TanhLayer<float> lf(C, rng, 0.3);
+  mhc_test::TanhLayer<mhc::bf16> lb;
+  lb.A = lf.A;
+  lb.b = lf.b;
+  lb.dA = lf.dA;
+  lb.db = lf.db;
+  mhc::RowMatrix<float> X(T * 4, C), G(T * 4, C), of(T * 4, C), dXf(T * 4, C);
+  mhc_test::fill_uniform(X, rng);
+  mhc_test::fill_uniform(G, rng);
+  // Inputs exactly representable in bf16, so both runs see the same values.
+  const mhc::RowMatrix<mhc::bf16> Xb = X.cast<mhc::bf16>(), Gb = G.cast<mhc::bf16>();
+  X = Xb.cast<float>();
+  G = Gb.cast<float>();
+  mhc::RowMatrix<mhc::bf16> ob(T * 4, C), dXb(T * 4, C);
+  auto run = [&](auto& blk_f, auto& blk_b) {
+    using BF = std::decay_t<decltype(blk_f)>;
+    using BB = std::decay_t<decltype(blk_b)>;
+    typename BF::Context cf(blk_f, T, MemoryMode::cache);
+    typename BB::Context cb(blk_b, T, MemoryMode::recompute);
+    blk_f.forward(X, lf, of, cf);
+    blk_b.forward(Xb, lb, ob, cb);
+    CHECK((of - ob.cast<float>()).cwiseAbs().maxCoeff() < 0.05f);
+    Eigen::VectorXf gf = Eigen::VectorXf::Zero(blk_f.parameter_count()), gb = gf;
+    blk_f.backward(cf, G, lf, dXf, gf);
+    blk_b.backward(cb, Gb, lb, dXb, gb);
+    CHECK((dXf - dXb.cast<float>()).cwiseAbs().maxCoeff() < 0.05f * (1 + dXf.cwiseAbs().maxCoeff()));
+    CHECK((gf - gb).cwiseAbs().maxCoeff() < 0.05f * (1 + gf.cwiseAbs().maxCoeff()));
+  };
+  run(bf, bb);
+  run(hf, hb);
 }

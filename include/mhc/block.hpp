@@ -510,7 +510,7 @@ class Block {
     if constexpr (std::is_same<Variant, MhcVariant>::value) {
       (void)ws;
       Coefficients<Scalar, N>::forward(X, coefficient_params(), h_pre, h_post, H_res, r, z);
-    } else {
+    } else if constexpr (Variant::kHasCoefficients) {
       // z = (v W) / r with v = vec(X_t) (row t of V), r = sqrt(|v|^2 / (nC) + eps).
       const int n = layout_.n;
       const Index T = r.rows(), C = layout_.C;
@@ -523,6 +523,8 @@ class Block {
       for (Index t = 0; t < T; ++t)
         Variant::template forward<N>(n, options_.iterations, z.row(t).data(), g, h_pre.row(t).data(),
                                      h_post.row(t).data(), H_res.row(t).data(), ws.ops.data());
+    } else {  // no coefficients (residual variant): never called
+      (void)X, (void)ws, (void)r, (void)z, (void)h_pre, (void)h_post, (void)H_res;
     }
   }
 
@@ -548,7 +550,7 @@ class Block {
       Coefficients<Scalar, N>::backward(X, coefficient_params(), r, z, ws.d_h_pre, ws.d_h_post,
                                         ws.d_H_res, d_X, cg, ws.ops);
       grads += ws.grads;
-    } else {
+    } else if constexpr (Variant::kHasCoefficients) {
       const int n = layout_.n;
       const Index T = r.rows(), C = layout_.C;
       const Real nC = Real(n) * Real(C);
@@ -575,6 +577,8 @@ class Block {
         for (int i = 0; i < n; ++i)
           for (Index c = 0; c < C; ++c)
             d_X(t * n + i, c) = Scalar(Real(d_X(t * n + i, c)) + ws.dV(t, Index(i) * C + c));
+    } else {  // no coefficients (residual variant): never called
+      (void)X, (void)ws, (void)r, (void)z, (void)d_X, (void)grads;
     }
   }
 
