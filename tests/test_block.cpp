@@ -433,3 +433,44 @@ TEST_CASE("bf16 blocks agree with float blocks to bf16 precision", "[block]") {
   run(bf, bb);
   run(hf, hb);
 }
+
+TEST_CASE("padded (strided) views give the same results as contiguous ones", "[block]") {
+  const auto seed = mhc_test::fresh_seed();
+  CAPTURE(seed);
+  mhc_test::Rng rng(seed);
+  const Index T = 4, C = 7, S = 10;  // row stride 10 > C
+  auto check = [&](auto& block) {
+    using B = std::decay_t<decltype(block)>;
+    const int n = block.streams();
+    randomize(block, rng);
+    Layer l1(C, rng), l2 = l1;
+    RM X(T * n, C), G(T * n, C), out(T * n, C), dX(T * n, C);
+    mhc_test::fill_uniform(X, rng);
+    mhc_test::fill_uniform(G, rng);
+    std::vector<double> xs(T * n * S, -5.0), gs(T * n * S, -5.0), os(T * n * S, -5.0), ds(T * n * S, -5.0);
+    auto Xp = mhc::map_batch(xs.data(), T * n, C, S);
+    auto Gp = mhc::map_batch(gs.data(), T * n, C, S);
+    auto Op = mhc::map_batch(os.data(), T * n, C, S);
+    auto Dp = mhc::map_batch(ds.data(), T * n, C, S);
+    Xp = X;
+    Gp = G;
+    typename B::Context c1(block, T, MemoryMode::cache), c2(block, T, MemoryMode::cache);
+    Eigen::VectorXd g1 = Eigen::VectorXd::Zero(block.parameter_count()), g2 = g1;
+    block.forward(X, l1, out, c1);
+    block.forward(Xp, l2, Op, c2);
+    CHECK(RM(Op) == out);
+    block.backward(c1, G, l1, dX, g1);
+    block.backward(c2, Gp, l2, Dp, g2);
+    CHECK(RM(Dp) == dX);
+    CHECK(g1 == g2);
+    for (Index r = 0; r < T * n; ++r)  // the padding is untouched
+      for (Index c = C; c < S; ++c) {
+        CHECK(os[static_cast<size_t>(r * S + c)] == -5.0);
+        CHECK(ds[static_cast<size_t>(r * S + c)] == -5.0);
+      }
+  };
+  mhc::MhcBlock<double> m(C);
+  mhc::HcBlock<double, mhc::Dynamic> h(C, 3);
+  check(m);
+  check(h);
+}
