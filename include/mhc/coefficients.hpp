@@ -352,7 +352,8 @@ struct Coefficients {
         detail::throw_invalid(where, "an output overlaps X");
     constexpr int TB = K::kTileTokens;
     const Index full_tiles = T / TB;
-    detail::for_each_parallel(full_tiles + (T - full_tiles * TB), TB * Index(n) * X.cols() * M, [&](Index job) {
+    const Index jobs = full_tiles + (T - full_tiles * TB);
+    detail::for_each_parallel(jobs, T * Index(n) * X.cols() * M / std::max<Index>(1, jobs), [&](Index job) {
       if (job < full_tiles)
         K::template forward_tile<TB>(X, p, n, job * TB, h_pre, h_post, H_res, r, z);
       else
@@ -496,7 +497,8 @@ struct Coefficients {
     // Pass 2, per token tile: d_X += W g_t - v_t (z_t . g_t) / (nC r_t).
     constexpr int TB = K::kGradTileTokens;
     const Index full_tiles = T / TB;
-    detail::for_each_parallel(full_tiles + (T - full_tiles * TB), TB * nC * M, [&](Index job) {
+    const Index jobs = full_tiles + (T - full_tiles * TB);
+    detail::for_each_parallel(jobs, T * nC * M / std::max<Index>(1, jobs), [&](Index job) {
       const bool full = job < full_tiles;
       const Index t0 = full ? job * TB : full_tiles * TB + (job - full_tiles);
       Real beta[TB];

@@ -48,8 +48,9 @@ struct PreMix {
         constexpr int W = decltype(width_tag)::value;
         detail::BlockRow<Real, W> acc = hp[0] * detail::load_row<Real, W>(detail::at(X, t * n, c0), w);
         for (int i = 1; i < n; ++i) acc += hp[i] * detail::load_row<Real, W>(detail::at(X, t * n + i, c0), w);
-        detail::store_row<W>(detail::at(u, t, c0), w, acc);
+        detail::stream_row<W>(detail::at(u, t, c0), w, acc);
       });
+      detail::stream_fence();
     });
   }
 
@@ -133,9 +134,10 @@ struct Update {
         for (int i = 0; i < n; ++i) {
           detail::BlockRow<Real, W> acc = hq[i] * yr;
           for (int j = 0; j < n; ++j) acc += H[i * n + j] * x.row(j);
-          detail::store_row<W>(detail::at(X_out, t * n + i, c0), w, acc);
+          detail::stream_row<W>(detail::at(X_out, t * n + i, c0), w, acc);
         }
       });
+      detail::stream_fence();
     });
   }
 
@@ -194,7 +196,7 @@ struct Update {
           dy += hq[i] * g.row(i);
           dhq[i].template add<W>(g.row(i), yr, w);
         }
-        detail::store_row<W>(detail::at(d_y, t, c0), w, dy);
+        detail::stream_row<W>(detail::at(d_y, t, c0), w, dy);
         for (int j = 0; j < n; ++j) {
           const detail::BlockRow<Real, W> x = detail::load_row<Real, W>(detail::at(X, t * n + j, c0), w);
           detail::BlockRow<Real, W> dx = H[j] * g.row(0);
@@ -203,9 +205,10 @@ struct Update {
             dx += H[i * n + j] * g.row(i);
             dH[i * n + j].template add<W>(g.row(i), x, w);
           }
-          detail::store_row<W>(detail::at(d_X, t * n + j, c0), w, dx);
+          detail::stream_row<W>(detail::at(d_X, t * n + j, c0), w, dx);
         }
       });
+      detail::stream_fence();
       for (int k = 0; k < n * n; ++k) d_H_res(t, k) = dH[k].total();
       for (int i = 0; i < n; ++i) d_h_post(t, i) = dhq[i].total();
     });

@@ -14,6 +14,11 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(MHC_NO_STREAM_STORES)
+#include <immintrin.h>
+#define MHC_HAVE_STREAM_STORES 1
+#endif
+
 #include "mhc/detail/check.hpp"
 #include "mhc/detail/threading.hpp"
 #include "mhc/types.hpp"
@@ -105,6 +110,45 @@ inline void store_row(Scalar* dst, Index w, const Expr& row) {
   } else {
     Eigen::Map<Eigen::Array<Scalar, 1, Width>>(dst, w) = row.template cast<Scalar>();
   }
+}
+
+/// Like store_row, but with non-temporal (streaming) stores where the target has AVX-512 and dst
+/// is 64-byte aligned for a full kColumnBlock block: for the large outputs nothing reads back
+/// soon (X', d_X of Update, d_y, u), it saves the read-for-ownership of every written line.
+/// Tasks that use it end with stream_fence().
+template <int Width, typename Scalar, typename Expr>
+inline void stream_row(Scalar* dst, Index w, const Expr& row) {
+#if defined(MHC_HAVE_STREAM_STORES)
+  if constexpr (Width == kColumnBlock) {
+    if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
+      if constexpr (std::is_same<Scalar, float>::value) {
+        const LoadedRow<float, Width> v = row;
+        for (int q = 0; q < Width / 16; ++q) _mm512_stream_ps(dst + 16 * q, _mm512_loadu_ps(v.data() + 16 * q));
+        return;
+      } else if constexpr (std::is_same<Scalar, double>::value) {
+        const LoadedRow<double, Width> v = row;
+        for (int q = 0; q < Width / 8; ++q) _mm512_stream_pd(dst + 8 * q, _mm512_loadu_pd(v.data() + 8 * q));
+        return;
+      } else {
+        const LoadedRow<float, Width> v = row;
+        alignas(64) bf16 packed[Width];
+        float_to_bf16(v.data(), packed, Width);
+        for (int q = 0; q < Width / 32; ++q)
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(dst) + q,
+                              _mm512_load_si512(reinterpret_cast<const __m512i*>(packed) + q));
+        return;
+      }
+    }
+  }
+#endif
+  store_row<Width>(dst, w, row);
+}
+
+/// Orders this thread's streaming stores before anything that follows (no-op without them).
+inline void stream_fence() {
+#if defined(MHC_HAVE_STREAM_STORES)
+  _mm_sfence();
+#endif
 }
 
 /// A dot product accumulated over the column blocks of one token, in a fixed order: full blocks
