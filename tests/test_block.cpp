@@ -49,12 +49,14 @@ void randomize(Block& block, mhc_test::Rng& rng) {
 }
 
 template <typename Variant, int N>
-void check_block_gradient(int n, MemoryMode mode, Index T, Index C) {
+void check_block_gradient(int n, MemoryMode mode, Index T, Index C, bool dynamic = true) {
   using Block = mhc::Block<double, N, Variant>;
   const auto seed = mhc_test::fresh_seed();
-  CAPTURE(seed, Variant::name, n, T, C, static_cast<int>(mode));
+  CAPTURE(seed, Variant::name, n, T, C, static_cast<int>(mode), dynamic);
   mhc_test::Rng rng(seed);
-  Block block(C, n);
+  mhc::BlockOptions options;
+  options.dynamic = dynamic;
+  Block block(C, n, {}, options);
   if (Variant::kHasCoefficients) randomize(block, rng);
   Layer layer(C, rng);
   RM X(T * n, C), G(T * n, C);
@@ -69,7 +71,7 @@ void check_block_gradient(int n, MemoryMode mode, Index T, Index C) {
 
   auto loss = [&](const Eigen::VectorXd& v) {
     Eigen::VectorXd params = v.segment(nx, np);
-    Block b(C, params.data(), n);  // a view of caller memory
+    Block b(C, params.data(), n, options);  // a view of caller memory
     Layer l = layer;
     l.set(v.data() + nx + np);
     RM Xv = Eigen::Map<const RM>(v.data(), T * n, C), out(T * n, C);
@@ -145,6 +147,58 @@ TEST_CASE("mHC-lite block gradients match central differences", "[block][gradien
     check_block_gradient<mhc::MhcLiteVariant, 4>(4, mode, 2, 3);
     check_block_gradient<mhc::MhcLiteVariant, mhc::Dynamic>(3, mode, 3, 4);
   }
+}
+
+TEST_CASE("static-only blocks: gradients match central differences", "[block][gradient]") {
+  for (MemoryMode mode : {MemoryMode::cache, MemoryMode::recompute}) {
+    check_block_gradient<mhc::MhcVariant, 4>(4, mode, 5, 6, false);
+    check_block_gradient<mhc::HcVariant, mhc::Dynamic>(3, mode, 4, 5, false);
+    check_block_gradient<mhc::MhcLiteVariant, 3>(3, mode, 4, 5, false);
+  }
+}
+
+template <typename Variant>
+void check_static_equals_zero_projection() {
+  const auto seed = mhc_test::fresh_seed();
+  CAPTURE(seed, Variant::name);
+  mhc_test::Rng rng(seed);
+  const Index T = 6, C = 5;
+  mhc::BlockOptions st;
+  st.dynamic = false;
+  mhc::Block<double, 4, Variant> dyn(C), sta(C, 4, {}, st);
+  randomize(dyn, rng);
+  dyn.params().W().setZero();
+  CHECK(sta.parameter_count() == dyn.parameter_count() - 4 * C * dyn.layout().K);
+  CHECK(sta.params().W().size() == 0);
+  sta.params().alpha() = dyn.params().alpha();
+  sta.params().b_pre() = dyn.params().b_pre();
+  sta.params().b_post() = dyn.params().b_post();
+  sta.params().b_res() = dyn.params().b_res();
+  Layer l1(C, rng), l2 = l1;
+  RM X(T * 4, C), G(T * 4, C), o1(T * 4, C), o2(T * 4, C), d1(T * 4, C), d2(T * 4, C);
+  mhc_test::fill_uniform(X, rng);
+  mhc_test::fill_uniform(G, rng);
+  typename mhc::Block<double, 4, Variant>::Context c1(dyn, T, MemoryMode::cache), c2(sta, T, MemoryMode::cache);
+  dyn.forward(X, l1, o1, c1);
+  sta.forward(X, l2, o2, c2);
+  CHECK(c2.H_res.rows() == 1);
+  CHECK((o1 - o2).cwiseAbs().maxCoeff() < 1e-13);
+  Eigen::VectorXd g1 = Eigen::VectorXd::Zero(dyn.parameter_count()), g2 = Eigen::VectorXd::Zero(sta.parameter_count());
+  dyn.backward(c1, G, l1, d1, g1);
+  sta.backward(c2, G, l2, d2, g2);
+  // With W = 0 the dynamic block's X gradient through r and z vanishes too (dz / r hits W = 0,
+  // and the r term is proportional to z = 0).
+  CHECK((d1 - d2).cwiseAbs().maxCoeff() < 1e-12);
+  const Index skip = 4 * C * dyn.layout().K;
+  CHECK((g1.tail(g2.size() - 3) - g2.tail(g2.size() - 3)).cwiseAbs().maxCoeff() < 1e-12);  // biases
+  CHECK(g2.head(3).cwiseAbs().maxCoeff() == 0.0);  // d_alpha = sum(da * z) = 0 at z = 0
+  CHECK(g1.segment(skip, 3).cwiseAbs().maxCoeff() == 0.0);
+}
+
+TEST_CASE("a static-only block equals a dynamic block with W = 0", "[block]") {
+  check_static_equals_zero_projection<mhc::MhcVariant>();
+  check_static_equals_zero_projection<mhc::HcVariant>();
+  check_static_equals_zero_projection<mhc::MhcLiteVariant>();
 }
 
 TEST_CASE("residual block gradients match central differences", "[block][gradient]") {

@@ -34,15 +34,17 @@ struct TanhScale {
 };
 
 template <typename Block>
-void run_without_malloc(int n) {
+void run_without_malloc(int n, bool dynamic = true) {
   using S = typename Block::Real;
   const auto seed = mhc_test::fresh_seed();
-  CAPTURE(seed, n);
+  CAPTURE(seed, n, dynamic);
   mhc_test::Rng rng(seed);
   const mhc::Index T = 6, C = 8;
   mhc::BlockInit init;
   init.projection_std = 0.2;
-  Block block(C, n, init);
+  mhc::BlockOptions options;
+  options.dynamic = dynamic;
+  Block block(C, n, init, options);
   TanhScale<S> layer;
   layer.y_saved.resize(T, C);
   mhc::RowMatrix<S> X(T * n, C), G(T * n, C), out(T * n, C), dX(T * n, C);
@@ -70,4 +72,6 @@ TEST_CASE("block forward and backward do not allocate", "[block][nomalloc]") {
   run_without_malloc<mhc::HcBlock<double>>(4);
   run_without_malloc<mhc::MhcLiteBlock<float, 3>>(3);
   run_without_malloc<mhc::ResidualBlock<double>>(1);
+  run_without_malloc<mhc::MhcBlock<float>>(4, false);
+  run_without_malloc<mhc::HcBlock<double, 2>>(2, false);
 }

@@ -32,14 +32,16 @@ void randomize(Stack& stack, mhc_test::Rng& rng) {
 }
 
 template <typename Variant, int N>
-void check_stack_gradient(int n, StackMemory memory, int segment) {
+void check_stack_gradient(int n, StackMemory memory, int segment, bool dynamic = true) {
   using Stack = mhc::Stack<double, N, Variant>;
   const auto seed = mhc_test::fresh_seed();
-  CAPTURE(seed, Variant::name, n, static_cast<int>(memory), segment);
+  CAPTURE(seed, Variant::name, n, static_cast<int>(memory), segment, dynamic);
   mhc_test::Rng rng(seed);
   const int L = 4;
   const Index T = 2, C = 3;
-  Stack stack(L, C, n);
+  mhc::BlockOptions options;
+  options.dynamic = dynamic;
+  Stack stack(L, C, n, {}, options);
   if (Variant::kHasCoefficients) randomize(stack, rng);
   std::vector<Layer> layers;
   for (int l = 0; l < L; ++l) layers.emplace_back(C, rng);
@@ -52,7 +54,7 @@ void check_stack_gradient(int n, StackMemory memory, int segment) {
   x0.segment(nx, np) = stack.parameters();
   for (int l = 0; l < L; ++l) layers[l].get(x0.data() + nx + np + l * nl);
 
-  Stack probe(L, C, n);
+  Stack probe(L, C, n, {}, options);
   probe.reserve(T, StackMemory::cache_all);
   auto loss = [&](const Eigen::VectorXd& v) {
     probe.parameters() = v.segment(nx, np);
@@ -123,6 +125,8 @@ TEST_CASE("4-block stack gradients match central differences", "[stack][gradient
     check_stack_gradient<mhc::HcVariant, 2>(2, m, 2);
     check_stack_gradient<mhc::MhcLiteVariant, 3>(3, m, 0);
     check_stack_gradient<mhc::ResidualVariant, 1>(1, m, 3);
+    check_stack_gradient<mhc::MhcVariant, 4>(4, m, 2, false);
+    check_stack_gradient<mhc::HcVariant, 2>(2, m, 3, false);
   }
 }
 
@@ -179,6 +183,41 @@ TEST_CASE("the gain probe: 1 for a fresh mHC stack, growing for a drifted HC sta
   CHECK(ds[0].row > 0.05);  // rows of 1.1 I plus a dynamic part of at most 4 * 0.01
   CHECK(gain.gains().forward > std::pow(1.1, L) * 0.8);
   CHECK(gain.gains().forward < std::pow(1.1, L) * 1.25);
+}
+
+TEST_CASE("static-only stacks: checkpointing and the gain probe with one coefficient row", "[stack]") {
+  const auto seed = mhc_test::fresh_seed();
+  CAPTURE(seed);
+  mhc_test::Rng rng(seed);
+  const int L = 6;
+  const Index T = 3, C = 4;
+  mhc::BlockOptions options;
+  options.dynamic = false;
+  mhc::Stack<double, 4, mhc::HcVariant> a(L, C, 4, {}, options), b(L, C, 4, {}, options);
+  randomize(a, rng);
+  b.parameters() = a.parameters();
+  std::vector<Layer> la;
+  for (int l = 0; l < L; ++l) la.emplace_back(C, rng);
+  std::vector<Layer> lb = la;
+  RM X(T * 4, C), G(T * 4, C), oa(T * 4, C), ob(T * 4, C), da(T * 4, C), db(T * 4, C);
+  mhc_test::fill_uniform(X, rng);
+  mhc_test::fill_uniform(G, rng);
+  a.reserve(T, StackMemory::cache_all);
+  b.reserve(T, StackMemory::checkpoint, 4);
+  mhc::CompositeGain gain(T, 4);
+  a.forward(X, la, oa, &gain);
+  b.forward(X, lb, ob);
+  CHECK(oa == ob);
+  // Every token sees the same composite, the product of the blocks' bias matrices H = b_res.
+  Eigen::Matrix4d P = Eigen::Matrix4d::Identity();
+  for (int l = 0; l < L; ++l)
+    P = Eigen::Map<const Eigen::Matrix<double, 4, 4, Eigen::RowMajor>>(a.block(l).params().b_res().data()) * P;
+  CHECK(gain.gains().forward == Approx(P.cwiseAbs().rowwise().sum().maxCoeff()).epsilon(1e-12));
+  Eigen::VectorXd ga = Eigen::VectorXd::Zero(a.parameter_count()), gb = ga;
+  a.backward(G, la, da, ga);
+  b.backward(G, lb, db, gb);
+  CHECK(da == db);
+  CHECK(ga == gb);
 }
 
 TEST_CASE("the stack rejects bad input", "[stack][errors]") {

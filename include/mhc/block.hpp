@@ -24,6 +24,11 @@
 // step covers a whole block (or a whole Stack). The block owns its parameters, or views caller
 // memory (Block(C, data, n)). Defaults: BlockInit in variants.hpp.
 //
+// Static-only coefficients (BlockOptions::dynamic = false, spec section 4): no W, z = 0, so the
+// coefficients are the gated biases, computed once per call as ONE row that the mixing operators
+// broadcast to every token; their backward sums the per-token gradients and X gets no gradient
+// through the coefficients. Cheaper: no projection, one Sinkhorn per call instead of per token.
+//
 // Memory modes (MemoryMode), identical gradients (bitwise: the same operations run):
 //   cache:     the context keeps X (nC), y (C) and the per-token coefficients r, z, h_pre, h_post,
 //              H_res (1 + K + 2n + n^2) for the backward.
@@ -79,18 +84,20 @@ struct BlockLayout {
   Index C = 0;
   Index K = 0;  ///< projection width (W's columns)
   Index R = 0;  ///< residual logits (b_res's size)
+  Index W_rows = 0;  ///< nC, or 0 for static-only coefficients
   Index W = 0, alpha = 0, b_pre = 0, b_post = 0, b_res = 0, size = 0;
 
   template <typename Variant>
-  static BlockLayout of(int n, Index C) {
+  static BlockLayout of(int n, Index C, bool dynamic = true) {
     BlockLayout l;
     l.n = n;
     l.C = C;
     if (!Variant::kHasCoefficients) return l;
     l.K = Variant::coefficient_count(n);
     l.R = Variant::res_count(n);
+    l.W_rows = dynamic ? Index(n) * C : 0;
     l.W = 0;
-    l.alpha = Index(n) * C * l.K;
+    l.alpha = l.W_rows * l.K;
     l.b_pre = l.alpha + 3;
     l.b_post = l.b_pre + n;
     l.b_res = l.b_post + n;
@@ -104,7 +111,7 @@ template <typename Real>
 struct BlockParamView {
   Real* data = nullptr;
   BlockLayout layout;
-  Eigen::Map<RowMatrix<Real>> W() const { return {data + layout.W, Index(layout.n) * layout.C, layout.K}; }
+  Eigen::Map<RowMatrix<Real>> W() const { return {data + layout.W, layout.W_rows, layout.K}; }
   Real& alpha_pre() const { return data[layout.alpha]; }
   Real& alpha_post() const { return data[layout.alpha + 1]; }
   Real& alpha_res() const { return data[layout.alpha + 2]; }
@@ -118,6 +125,9 @@ struct BlockParamView {
 struct BlockOptions {
   int iterations = 20;  ///< Sinkhorn t_max (mHC), in [1, kMaxSinkhornIterations]
   double eps = 1e-6;    ///< eps_rms inside r
+  /// false: static-only coefficients (no W, z = 0): h_pre, h_post, H_res are the gated biases,
+  /// computed once per call and shared by all tokens (one coefficient row; spec section 4).
+  bool dynamic = true;
 };
 
 template <typename Scalar, int N, typename Variant>
@@ -130,35 +140,40 @@ class BlockWorkspace {
  public:
   using Real = compute_t<Scalar>;
   BlockWorkspace() = default;
-  BlockWorkspace(Index tokens, int n, Index C, int iterations = 20) { resize(tokens, n, C, iterations); }
+  BlockWorkspace(Index tokens, int n, Index C, int iterations = 20, bool dynamic = true) {
+    resize(tokens, n, C, iterations, dynamic);
+  }
 
-  /// Allocates the buffers for T tokens of n streams and width C.
-  void resize(Index tokens, int n, Index C, int iterations = 20) {
-    const BlockLayout l = BlockLayout::of<Variant>(n, C);
+  /// Allocates the buffers for T tokens of n streams and width C (dynamic or static-only
+  /// coefficients: the latter keep one coefficient row).
+  void resize(Index tokens, int n, Index C, int iterations = 20, bool dynamic = true) {
+    const BlockLayout l = BlockLayout::of<Variant>(n, C, dynamic);
+    const Index rows = dynamic ? tokens : 1;
     T_ = tokens;
     n_ = n;
     C_ = C;
+    dynamic_ = dynamic;
     u.resize(tokens, C);
     y.resize(tokens, C);
     d_y.resize(tokens, C);
     d_u.resize(tokens, C);
     if (Variant::kHasCoefficients) {
-      r.resize(tokens, 1);
-      z.resize(tokens, l.K);
-      h_pre.resize(tokens, n);
-      h_post.resize(tokens, n);
-      H_res.resize(tokens, Index(n) * n);
+      r.resize(rows, 1);
+      z.resize(rows, l.K);
+      h_pre.resize(rows, n);
+      h_post.resize(rows, n);
+      H_res.resize(rows, Index(n) * n);
       d_h_pre.resize(tokens, n);
       d_h_post.resize(tokens, n);
       d_H_res.resize(tokens, Index(n) * n);
       grads.resize(l.size);
       if (std::is_same<Variant, MhcVariant>::value) {
-        ops.resize(Coefficients<Scalar, N>::workspace_size(tokens, n, C));
+        ops.resize(Coefficients<Scalar, N>::workspace_size(tokens, n, C, !dynamic));
       } else {
-        V.resize(tokens, Index(n) * C);
-        dV.resize(tokens, Index(n) * C);
-        dz.resize(tokens, l.K);
-        ops.resize(std::max(1, Variant::scratch_count(n, iterations)));
+        V.resize(dynamic ? tokens : 0, Index(n) * C);
+        dV.resize(dynamic ? tokens : 0, Index(n) * C);
+        dz.resize(rows, l.K);
+        ops.resize(std::max(1, Variant::scratch_count(n, iterations)) + (dynamic ? 0 : 2 * n + n * n));
       }
     }
   }
@@ -166,6 +181,7 @@ class BlockWorkspace {
   Index tokens() const { return T_; }
   int streams() const { return n_; }
   Index width() const { return C_; }
+  bool dynamic() const { return dynamic_; }
 
   /// Bytes held by this workspace.
   Index bytes() const {
@@ -186,6 +202,7 @@ class BlockWorkspace {
  private:
   Index T_ = 0, C_ = 0;
   int n_ = 0;
+  bool dynamic_ = true;
 };
 
 /// What one block keeps between its forward and backward for T tokens (see MemoryMode).
@@ -200,37 +217,43 @@ class BlockContext {
   /// shape to use instead of an own one; it must outlive the context.
   BlockContext(const Block<Scalar, N, Variant>& block, Index tokens, MemoryMode mode,
                Workspace* shared = nullptr) {
-    resize(block.streams(), block.width(), tokens, mode, block.options().iterations, shared);
+    resize(block.streams(), block.width(), tokens, mode, block.options().iterations, shared,
+           block.options().dynamic);
   }
 
+  /// Allocates for T tokens of n streams, width C (and the block's iterations and dynamic flag).
   void resize(int n, Index C, Index tokens, MemoryMode mode, int iterations = 20,
-              Workspace* shared = nullptr) {
+              Workspace* shared = nullptr, bool dynamic = true) {
     if (tokens < 0) detail::throw_invalid("BlockContext", "tokens = ", tokens, " < 0");
     mode_ = mode;
     T_ = tokens;
     n_ = n;
     C_ = C;
     if (shared) {
-      if (shared->tokens() != tokens || shared->streams() != n || shared->width() != C)
-        detail::throw_invalid("BlockContext", "the shared workspace is for (T, n, C) = (",
+      if (shared->tokens() != tokens || shared->streams() != n || shared->width() != C ||
+          shared->dynamic() != dynamic)
+        detail::throw_invalid("BlockContext", "the shared workspace is for (T, n, C, dynamic) = (",
                               shared->tokens(), ", ", shared->streams(), ", ", shared->width(),
-                              "), expected (", tokens, ", ", n, ", ", C, ")");
+                              ", ", shared->dynamic(), "), expected (", tokens, ", ", n, ", ", C,
+                              ", ", dynamic, ")");
       own_.reset();
       ws_ = shared;
     } else {
-      own_ = std::make_unique<Workspace>(tokens, n, C, iterations);
+      own_ = std::make_unique<Workspace>(tokens, n, C, iterations, dynamic);
       ws_ = own_.get();
     }
-    const BlockLayout l = BlockLayout::of<Variant>(n, C);
+    const BlockLayout l = BlockLayout::of<Variant>(n, C, dynamic);
+    const Index rows = dynamic ? tokens : 1;
+    dynamic_ = dynamic;
     X.resize(tokens * n, C);
     if (mode == MemoryMode::cache) {
       y.resize(tokens, C);
       if (Variant::kHasCoefficients) {
-        r.resize(tokens, 1);
-        z.resize(tokens, l.K);
-        h_pre.resize(tokens, n);
-        h_post.resize(tokens, n);
-        H_res.resize(tokens, Index(n) * n);
+        r.resize(rows, 1);
+        z.resize(rows, l.K);
+        h_pre.resize(rows, n);
+        h_post.resize(rows, n);
+        H_res.resize(rows, Index(n) * n);
       }
     } else {
       y.resize(0, C);
@@ -253,8 +276,8 @@ class BlockContext {
            Index(sizeof(Real)) * (r.size() + z.size() + h_pre.size() + h_post.size() + H_res.size());
   }
 
-  /// The last forward's H_res (T, n*n): the saved one in cache mode, else the workspace's copy
-  /// (valid until the workspace serves another call).
+  /// The last forward's H_res (T, n*n; one row when static-only): the saved one in cache mode,
+  /// else the workspace's copy (valid until the workspace serves another call).
   const RowMatrix<Real>& last_H_res() const {
     return mode_ == MemoryMode::cache ? H_res : ws_->H_res;
   }
@@ -270,6 +293,7 @@ class BlockContext {
   MemoryMode mode_ = MemoryMode::cache;
   Index T_ = 0, C_ = 0;
   int n_ = 0;
+  bool dynamic_ = true;
   bool has_forward_ = false;
   std::unique_ptr<Workspace> own_;
   Workspace* ws_ = nullptr;
@@ -291,8 +315,10 @@ class Block {
   using VariantType = Variant;
   static constexpr int kStreams = N;
 
-  /// Number of parameters of a block of n streams and width C.
-  static Index parameter_count(int n, Index C) { return BlockLayout::of<Variant>(n, C).size; }
+  /// Number of parameters of a block of n streams and width C (dynamic: with W).
+  static Index parameter_count(int n, Index C, bool dynamic = true) {
+    return BlockLayout::of<Variant>(n, C, dynamic).size;
+  }
 
   /// A block that owns its parameters, initialised from `init`.
   explicit Block(Index C, int n = N, const BlockInit& init = {}, const BlockOptions& options = {}) {
@@ -455,14 +481,16 @@ class Block {
                             kMaxSinkhornIterations, "]");
     if (!(options.eps > 0) || !std::isfinite(options.eps))
       detail::throw_invalid(where, "eps = ", options.eps, " must be positive and finite");
-    layout_ = BlockLayout::of<Variant>(n, C);
+    layout_ = BlockLayout::of<Variant>(n, C, options.dynamic);
     options_ = options;
   }
 
   void check_context(const char* where, const Context& ctx) const {
-    if (ctx.ws_ == nullptr || ctx.n_ != layout_.n || ctx.C_ != layout_.C)
-      detail::throw_invalid(where, "the context is for (n, C) = (", ctx.n_, ", ", ctx.C_,
-                            "), the block is (", layout_.n, ", ", layout_.C, ")");
+    if (ctx.ws_ == nullptr || ctx.n_ != layout_.n || ctx.C_ != layout_.C ||
+        ctx.dynamic_ != options_.dynamic)
+      detail::throw_invalid(where, "the context is for (n, C, dynamic) = (", ctx.n_, ", ", ctx.C_,
+                            ", ", ctx.dynamic_, "), the block is (", layout_.n, ", ", layout_.C,
+                            ", ", options_.dynamic, ")");
   }
 
   void check_io(const char* where, const ConstBatchRef<Scalar>& X, const BatchRef<Scalar>& X_out,
@@ -511,6 +539,14 @@ class Block {
       (void)ws;
       Coefficients<Scalar, N>::forward(X, coefficient_params(), h_pre, h_post, H_res, r, z);
     } else if constexpr (Variant::kHasCoefficients) {
+      const detail::GateParams<Real> g = gate_params();
+      if (!options_.dynamic) {  // z = 0: one coefficient row for all tokens
+        z.setZero();
+        Variant::template forward<N>(layout_.n, options_.iterations, z.row(0).data(), g,
+                                     h_pre.row(0).data(), h_post.row(0).data(),
+                                     H_res.row(0).data(), ws.ops.data());
+        return;
+      }
       // z = (v W) / r with v = vec(X_t) (row t of V), r = sqrt(|v|^2 / (nC) + eps).
       const int n = layout_.n;
       const Index T = r.rows(), C = layout_.C;
@@ -519,7 +555,6 @@ class Block {
       for (Index t = 0; t < T; ++t) r(t, 0) = std::sqrt(ws.V.row(t).squaredNorm() / nC + Real(options_.eps));
       z.noalias() = ws.V * params().W();
       for (Index t = 0; t < T; ++t) z.row(t) /= r(t, 0);
-      const detail::GateParams<Real> g = gate_params();
       for (Index t = 0; t < T; ++t)
         Variant::template forward<N>(n, options_.iterations, z.row(t).data(), g, h_pre.row(t).data(),
                                      h_post.row(t).data(), H_res.row(t).data(), ws.ops.data());
@@ -552,10 +587,30 @@ class Block {
       grads += ws.grads;
     } else if constexpr (Variant::kHasCoefficients) {
       const int n = layout_.n;
-      const Index T = r.rows(), C = layout_.C;
-      const Real nC = Real(n) * Real(C);
       BlockParamView<Real> g{grads.data(), layout_};
       const detail::GateParams<Real> gp = gate_params();
+      if (!options_.dynamic) {
+        // One coefficient row: sum its per-token gradients (token order), one mapping backward
+        // at z = 0; X gets nothing through the coefficients.
+        Real* sums = ws.ops.data() + std::max(1, Variant::scratch_count(n, options_.iterations));
+        const Index T = ws.d_h_pre.rows();
+        for (int k = 0; k < 2 * n + n * n; ++k) sums[k] = Real(0);
+        for (Index t = 0; t < T; ++t) {
+          for (int i = 0; i < n; ++i) {
+            sums[i] += ws.d_h_pre(t, i);
+            sums[n + i] += ws.d_h_post(t, i);
+          }
+          for (int k = 0; k < n * n; ++k) sums[2 * n + k] += ws.d_H_res(t, k);
+        }
+        Variant::template backward<N>(n, options_.iterations, z.row(0).data(), gp, sums,
+                                      sums + n, sums + 2 * n, ws.dz.row(0).data(),
+                                      g.alpha().data(), g.b_pre().data(), g.b_post().data(),
+                                      g.b_res().data(), ws.ops.data());
+        (void)X, (void)r, (void)d_X;
+        return;
+      }
+      const Index T = r.rows(), C = layout_.C;
+      const Real nC = Real(n) * Real(C);
       // Per token: dz from the mapping (d_alpha, d_b accumulate into grads), then g = dz / r.
       for (Index t = 0; t < T; ++t) {
         Variant::template backward<N>(n, options_.iterations, z.row(t).data(), gp,

@@ -115,18 +115,20 @@ class CompositeGain {
     layers_ = 0;
   }
 
-  /// P_t <- H_res_t P_t for the next layer; H_res is (T, n*n).
+  /// P_t <- H_res_t P_t for the next layer; H_res is (T, n*n), or (1, n*n) shared by all tokens
+  /// (static-only coefficients).
   template <typename Scalar>
   void multiply(const ConstBatchRef<Scalar>& H_res) {
     const char* where = "CompositeGain::multiply";
     if (n_ == 0) detail::throw_invalid(where, "call resize(tokens, n) first");
-    detail::check_batch(where, "H_res", H_res, P_.rows(), Index(n_) * n_);
+    detail::check_batch(where, "H_res", H_res, H_res.rows() == 1 ? 1 : P_.rows(), Index(n_) * n_);
     const int n = n_;
     for (Index t = 0; t < P_.rows(); ++t) {
+      const Index h = H_res.rows() == 1 ? 0 : t;
       for (int i = 0; i < n; ++i)
         for (int j = 0; j < n; ++j) {
           double s = 0.0;
-          for (int k = 0; k < n; ++k) s += static_cast<double>(H_res(t, i * n + k)) * P_(t, k * n + j);
+          for (int k = 0; k < n; ++k) s += static_cast<double>(H_res(h, i * n + k)) * P_(t, k * n + j);
           next_[i * n + j] = s;
         }
       for (int k = 0; k < n * n; ++k) P_(t, k) = next_[k];

@@ -52,7 +52,7 @@ class Stack {
 
   Stack(int layers, Index C, int n = N, const BlockInit& init = {}, const BlockOptions& options = {}) {
     if (layers < 1) detail::throw_invalid("Stack", "layers = ", layers, " must be positive");
-    const Index P = BlockType::parameter_count(n, C);  // validates nothing yet; the blocks do
+    const Index P = BlockType::parameter_count(n, C, options.dynamic);  // the blocks validate
     params_.setZero(Index(layers) * P);
     blocks_.reserve(static_cast<size_t>(layers));
     for (int l = 0; l < layers; ++l) {
@@ -88,18 +88,19 @@ class Stack {
     T_ = tokens;
     memory_ = memory;
     segment_ = memory == StackMemory::checkpoint ? segment : 1;
-    ws_ = std::make_unique<Workspace>(tokens, n, C, blocks_.front().options().iterations);
     const int iters = blocks_.front().options().iterations;
+    const bool dynamic = blocks_.front().options().dynamic;
+    ws_ = std::make_unique<Workspace>(tokens, n, C, iters, dynamic);
     contexts_.clear();
     checkpoints_.clear();
     const int kept = memory == StackMemory::cache_all ? L : segment_;
     contexts_.resize(static_cast<size_t>(kept));
-    for (auto& c : contexts_) c.resize(n, C, tokens, MemoryMode::cache, iters, ws_.get());
+    for (auto& c : contexts_) c.resize(n, C, tokens, MemoryMode::cache, iters, ws_.get(), dynamic);
     if (memory == StackMemory::checkpoint) {
       const int count = (L + segment_ - 1) / segment_;
       checkpoints_.resize(static_cast<size_t>(count));
       for (auto& c : checkpoints_) c.resize(tokens * n, C);
-      pass_.resize(n, C, tokens, MemoryMode::recompute, iters, ws_.get());
+      pass_.resize(n, C, tokens, MemoryMode::recompute, iters, ws_.get(), dynamic);
       replay_.resize(tokens * n, C);
     } else {
       pass_ = Context();
