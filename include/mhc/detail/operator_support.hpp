@@ -64,14 +64,14 @@ inline void for_each_column_block(Index C, F&& block) {
 /// bfloat16 <-> float on raw bits, written as plain loops the compiler vectorises (Eigen's scalar
 /// casts of Eigen::bfloat16 do not vectorise). float -> bf16 rounds to nearest even; a NaN stays a
 /// (quiet) NaN of the same sign.
-inline void bf16_to_float(const bf16* src, float* dst, Index w) {
+EIGEN_STRONG_INLINE void bf16_to_float(const bf16* src, float* dst, Index w) {
   const auto* bits = reinterpret_cast<const std::uint16_t*>(src);
   for (Index k = 0; k < w; ++k) {
     const std::uint32_t u = std::uint32_t(bits[k]) << 16;
     std::memcpy(dst + k, &u, sizeof(float));
   }
 }
-inline void float_to_bf16(const float* src, bf16* dst, Index w) {
+EIGEN_STRONG_INLINE void float_to_bf16(const float* src, bf16* dst, Index w) {
   auto* bits = reinterpret_cast<std::uint16_t*>(dst);
   for (Index k = 0; k < w; ++k) {
     std::uint32_t u;
@@ -94,7 +94,7 @@ inline auto load_row(const Scalar* src, Index w) {
   if constexpr (std::is_same<Scalar, bf16>::value) {
     static_assert(std::is_same<Real, float>::value, "bf16 loads to float");
     LoadedRow<float, Width> row(1, w);
-    bf16_to_float(src, row.data(), w);
+    bf16_to_float(src, row.data(), Width == Eigen::Dynamic ? w : Index(Width));  // fixed trip count
     return row;
   } else {
     return Eigen::Map<const Eigen::Array<Scalar, 1, Width>>(src, w).template cast<Real>();
@@ -106,7 +106,7 @@ template <int Width, typename Scalar, typename Expr>
 inline void store_row(Scalar* dst, Index w, const Expr& row) {
   if constexpr (std::is_same<Scalar, bf16>::value) {
     const LoadedRow<float, Width> values = row;
-    float_to_bf16(values.data(), dst, w);
+    float_to_bf16(values.data(), dst, Width == Eigen::Dynamic ? w : Index(Width));
   } else {
     Eigen::Map<Eigen::Array<Scalar, 1, Width>>(dst, w) = row.template cast<Scalar>();
   }
