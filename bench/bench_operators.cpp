@@ -20,11 +20,10 @@
 #include <cstring>
 #include <map>
 #include <memory>
-#include <random>
-#include <vector>
-
 #include <mhc/coefficients.hpp>
 #include <mhc/mixing.hpp>
+#include <random>
+#include <vector>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -111,8 +110,10 @@ double memcpy_seconds(double bytes) {
 #if defined(_OPENMP)
 #pragma omp parallel
     {
-      const size_t nt = static_cast<size_t>(omp_get_num_threads()), id = static_cast<size_t>(omp_get_thread_num());
-      const size_t chunk = (half + nt - 1) / nt, b = std::min(half, id * chunk), e = std::min(half, b + chunk);
+      const size_t nt = static_cast<size_t>(omp_get_num_threads()),
+                   id = static_cast<size_t>(omp_get_thread_num());
+      const size_t chunk = (half + nt - 1) / nt, b = std::min(half, id * chunk),
+                   e = std::min(half, b + chunk);
       std::memcpy(dst.data() + b, src.data() + b, e - b);
     }
 #else
@@ -120,7 +121,8 @@ double memcpy_seconds(double bytes) {
 #endif
     benchmark::DoNotOptimize(dst.data());
     benchmark::ClobberMemory();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   return best;
 }
@@ -142,7 +144,8 @@ double fma_peak(int threads) {
     {
       Packet acc[16];
       for (int k = 0; k < 16; ++k) acc[k] = Eigen::internal::pset1<Packet>(float(k));
-      const Packet a = Eigen::internal::pset1<Packet>(0.999999f), b = Eigen::internal::pset1<Packet>(1e-7f);
+      const Packet a = Eigen::internal::pset1<Packet>(0.999999f),
+                   b = Eigen::internal::pset1<Packet>(1e-7f);
       for (long i = 0; i < kIters; ++i) {
         for (int k = 0; k < 16; ++k) acc[k] = Eigen::internal::pmadd(acc[k], a, b);
       }
@@ -169,29 +172,49 @@ void BM_op(benchmark::State& state) {
   double bytes = 0, flops = 0;
   const double proj = 2.0 * kN * C * (kN * kN + 2 * kN) * double(T);
   switch (op) {
-    case Op::PreMixFwd: bytes = (kN + 1) * tok; break;
-    case Op::PreMixBwd: bytes = (3 * kN + 1) * tok; break;
-    case Op::UpdateFwd: bytes = (2 * kN + 1) * tok; break;
-    case Op::UpdateBwd: bytes = (3 * kN + 2) * tok; break;
-    case Op::CoefFwd: bytes = kN * tok, flops = proj; break;
-    case Op::CoefBwd: bytes = 3 * kN * tok, flops = 2 * proj; break;
+    case Op::PreMixFwd:
+      bytes = (kN + 1) * tok;
+      break;
+    case Op::PreMixBwd:
+      bytes = (3 * kN + 1) * tok;
+      break;
+    case Op::UpdateFwd:
+      bytes = (2 * kN + 1) * tok;
+      break;
+    case Op::UpdateBwd:
+      bytes = (3 * kN + 2) * tok;
+      break;
+    case Op::CoefFwd:
+      bytes = kN * tok, flops = proj;
+      break;
+    case Op::CoefBwd:
+      bytes = 3 * kN * tok, flops = 2 * proj;
+      break;
   }
   const double copy_s = memcpy_seconds(bytes);
   const auto params = d.params();
   for (auto _ : state) {
     switch (op) {
-      case Op::PreMixFwd: mhc::PreMix<S, kN>::forward(d.X, d.h_pre, d.y); break;
-      case Op::PreMixBwd: mhc::PreMix<S, kN>::backward(d.X, d.h_pre, d.dy, d.B, d.d_h_pre); break;
-      case Op::UpdateFwd: mhc::Update<S, kN>::forward(d.X, d.H_res, d.h_post, d.y, d.A); break;
+      case Op::PreMixFwd:
+        mhc::PreMix<S, kN>::forward(d.X, d.h_pre, d.y);
+        break;
+      case Op::PreMixBwd:
+        mhc::PreMix<S, kN>::backward(d.X, d.h_pre, d.dy, d.B, d.d_h_pre);
+        break;
+      case Op::UpdateFwd:
+        mhc::Update<S, kN>::forward(d.X, d.H_res, d.h_post, d.y, d.A);
+        break;
       case Op::UpdateBwd:
-        mhc::Update<S, kN>::backward(d.X, d.H_res, d.h_post, d.y, d.A, d.B, d.d_H_res, d.d_h_post, d.dy);
+        mhc::Update<S, kN>::backward(d.X, d.H_res, d.h_post, d.y, d.A, d.B, d.d_H_res, d.d_h_post,
+                                     d.dy);
         break;
       case Op::CoefFwd:
         mhc::Coefficients<S, kN>::forward(d.X, params, d.h_pre, d.h_post, d.H_res, d.r, d.z);
         break;
       case Op::CoefBwd:
-        mhc::Coefficients<S, kN>::backward(d.X, params, d.r, d.z, d.d_h_pre, d.d_h_post, d.d_H_res, d.B,
-                                           {d.dW, d.d_alpha, d.d_b_pre, d.d_b_post, d.d_b_res}, d.ws);
+        mhc::Coefficients<S, kN>::backward(d.X, params, d.r, d.z, d.d_h_pre, d.d_h_post, d.d_H_res,
+                                           d.B, {d.dW, d.d_alpha, d.d_b_pre, d.d_b_post, d.d_b_res},
+                                           d.ws);
         break;
     }
     benchmark::ClobberMemory();
@@ -247,7 +270,8 @@ void register_all(const std::string& type) {
 
 int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("fma_peak", BM_fma_peak)->Arg(1)->Iterations(1);
-  if (max_threads() > 1) benchmark::RegisterBenchmark("fma_peak", BM_fma_peak)->Arg(max_threads())->Iterations(1);
+  if (max_threads() > 1)
+    benchmark::RegisterBenchmark("fma_peak", BM_fma_peak)->Arg(max_threads())->Iterations(1);
   register_all<float>("float");
   register_all<mhc::bf16>("bf16");
   benchmark::Initialize(&argc, argv);

@@ -13,7 +13,7 @@ struct Shape {
   int n;
   Index C, T;
 };
-const Shape kShapes[] = {{1, 1, 1}, {1, 257, 5}, {2, 3, 33}, {2, 64, 1}, {4, 1, 5},
+const Shape kShapes[] = {{1, 1, 1},   {1, 257, 5}, {2, 3, 33}, {2, 64, 1},  {4, 1, 5},
                          {4, 64, 33}, {4, 257, 1}, {8, 3, 5},  {8, 257, 5}, {8, 64, 1}};
 
 /// The library's forward in double for the given inputs (loss evaluations use the reference).
@@ -33,7 +33,8 @@ Run run_forward(const RowMat<double>& X, const CoefParamsD& pd, int n, Index pad
   o.H_res.resize(R, Index(n) * n);
   o.r.resize(is_static ? 0 : T, 1);
   o.z.resize(is_static ? 0 : T, Index(n) * n + 2 * n);
-  mhc::Coefficients<double, N>::forward(Xp.cview(), pv.params, o.h_pre, o.h_post, o.H_res, o.r, o.z);
+  mhc::Coefficients<double, N>::forward(Xp.cview(), pv.params, o.h_pre, o.h_post, o.H_res, o.r,
+                                        o.z);
   return o;
 }
 
@@ -118,10 +119,14 @@ void gradient_case(const Shape& s, bool is_static, bool near_identity) {
     CAPTURE(what, r.worst, r.analytic, r.numeric);
     CHECK(r.max_error < 1e-6);
   };
-  check_vec("alpha", p.alpha, d_alpha, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.alpha = v; });
-  check_vec("b_pre", p.b_pre, db_pre, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_pre = v; });
-  check_vec("b_post", p.b_post, db_post, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_post = v; });
-  check_vec("b_res", p.b_res, db_res, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_res = v; });
+  check_vec("alpha", p.alpha, d_alpha,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.alpha = v; });
+  check_vec("b_pre", p.b_pre, db_pre,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_pre = v; });
+  check_vec("b_post", p.b_post, db_post,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_post = v; });
+  check_vec("b_res", p.b_res, db_res,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_res = v; });
   if (is_static) CHECK(d_alpha.isZero(0));  // z = 0: alpha has no effect
 }
 
@@ -138,10 +143,18 @@ TEST_CASE("Coefficients: forward matches the definition, backward matches finite
   for (const Shape& s : kShapes) {
     run_shape<mhc::Dynamic>(s);
     switch (s.n) {
-      case 1: run_shape<1>(s); break;
-      case 2: run_shape<2>(s); break;
-      case 4: run_shape<4>(s); break;
-      case 8: run_shape<8>(s); break;
+      case 1:
+        run_shape<1>(s);
+        break;
+      case 2:
+        run_shape<2>(s);
+        break;
+      case 4:
+        run_shape<4>(s);
+        break;
+      case 8:
+        run_shape<8>(s);
+        break;
     }
   }
   gradient_case<4>({4, 64, 5}, false, true);
@@ -172,7 +185,8 @@ TEST_CASE("Coefficients reject bad arguments before writing anything", "[coeffic
   CoefParamsD pd = random_coef_params(rng, n, C);
   CoefParamsView<float> pv(pd);
   using Op = mhc::Coefficients<float>;
-  RowMat<float> hp = RowMat<float>::Constant(T, n, 9.f), hq = hp, H = RowMat<float>::Constant(T, n * n, 9.f);
+  RowMat<float> hp = RowMat<float>::Constant(T, n, 9.f), hq = hp,
+                H = RowMat<float>::Constant(T, n * n, 9.f);
   RowMat<float> r = RowMat<float>::Constant(T, 1, 9.f), z = RowMat<float>::Constant(T, M, 9.f);
   const RowMat<float> hp0 = hp, H0 = H, r0 = r, z0 = z;
   const auto untouched = [&] { return hp == hp0 && hq == hp0 && H == H0 && r == r0 && z == z0; };
@@ -184,9 +198,9 @@ TEST_CASE("Coefficients reject bad arguments before writing anything", "[coeffic
   CHECK_THROWS_AS(Op::forward(X, p, hp, hq, H, r, z.leftCols(M - 1)), mhc::invalid_argument);
   CHECK_THROWS_AS(Op::forward(mhc::map_batch(X.data(), T * n, C, C - 2), p, hp, hq, H, r, z),
                   mhc::invalid_argument);
-  CHECK_THROWS_AS(Op::forward(mhc::map_batch(static_cast<const float*>(nullptr), T * n, C), p, hp,
-                              hq, H, r, z),
-                  mhc::invalid_argument);
+  CHECK_THROWS_AS(
+      Op::forward(mhc::map_batch(static_cast<const float*>(nullptr), T * n, C), p, hp, hq, H, r, z),
+      mhc::invalid_argument);
   CHECK_THROWS_AS(Op::forward(X, p, hp, hp, H, r, z), mhc::invalid_argument);  // outputs overlap
   {
     auto q = p;
@@ -219,12 +233,14 @@ TEST_CASE("Coefficients reject bad arguments before writing anything", "[coeffic
 
   // Backward.
   Op::forward(X, p, hp, hq, H, r, z);
-  RowMat<float> dX = RowMat<float>::Constant(T * n, C, 5.f), dW = RowMat<float>::Constant(n * C, M, 5.f);
+  RowMat<float> dX = RowMat<float>::Constant(T * n, C, 5.f),
+                dW = RowMat<float>::Constant(n * C, M, 5.f);
   Eigen::VectorXf da = Eigen::VectorXf::Constant(3, 5.f), dbp = Eigen::VectorXf::Constant(n, 5.f),
                   dbq = dbp, dbr = Eigen::VectorXf::Constant(n * n, 5.f);
   const RowMat<float> dX0 = dX, dW0 = dW;
   Eigen::VectorXf ws(Op::workspace_size(T, n, C));
-  const RowMat<float> G = random_matrix(rng, T, n).cast<float>(), GH = random_matrix(rng, T, n * n).cast<float>();
+  const RowMat<float> G = random_matrix(rng, T, n).cast<float>(),
+                      GH = random_matrix(rng, T, n * n).cast<float>();
   const auto bw_untouched = [&] {
     return dX == dX0 && dW == dW0 && (da.array() == 5.f).all() && (dbp.array() == 5.f).all() &&
            (dbq.array() == 5.f).all() && (dbr.array() == 5.f).all();

@@ -27,7 +27,8 @@ struct Layer {
 
   RowMat<double> forward(const RowMat<double>& X, const CoefParamsD& pd) const {
     CoefParamsView<double> pv(pd);
-    RowMat<double> hp(R(), n), hq(R(), n), H(R(), Index(n) * n), r(T, 1), z(T, Index(n) * n + 2 * n);
+    RowMat<double> hp(R(), n), hq(R(), n), H(R(), Index(n) * n), r(T, 1),
+        z(T, Index(n) * n + 2 * n);
     mhc::Coefficients<double, N>::forward(X, pv.params, hp, hq, H, r, z);
     RowMat<double> u(T, C);
     mhc::PreMix<double, N>::forward(X, hp, u);
@@ -72,8 +73,9 @@ void layer_case(int n, Index C, Index T, bool is_static) {
   const auto loss = [&](const RowMat<double>& x, const CoefParamsD& q) {
     return dot(G, layer.forward(x, q));
   };
-  const auto gX = check_gradient([&](const Eigen::VectorXd& v) { return loss(unflat(v, T * n, C), p); },
-                                 flat(X), flat(dX), rng, 1e-6, fd_coords(80));
+  const auto gX =
+      check_gradient([&](const Eigen::VectorXd& v) { return loss(unflat(v, T * n, C), p); },
+                     flat(X), flat(dX), rng, 1e-6, fd_coords(80));
   CAPTURE(gX.worst, gX.analytic, gX.numeric);
   CHECK(gX.max_error < 1e-6);
   if (!is_static) {
@@ -99,10 +101,14 @@ void layer_case(int n, Index C, Index T, bool is_static) {
     CAPTURE(what, res.worst, res.analytic, res.numeric);
     CHECK(res.max_error < 1e-6);
   };
-  check_vec("alpha", p.alpha, d_alpha, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.alpha = v; });
-  check_vec("b_pre", p.b_pre, db_pre, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_pre = v; });
-  check_vec("b_post", p.b_post, db_post, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_post = v; });
-  check_vec("b_res", p.b_res, db_res, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_res = v; });
+  check_vec("alpha", p.alpha, d_alpha,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.alpha = v; });
+  check_vec("b_pre", p.b_pre, db_pre,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_pre = v; });
+  check_vec("b_post", p.b_post, db_post,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_post = v; });
+  check_vec("b_res", p.b_res, db_res,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_res = v; });
 }
 
 }  // namespace

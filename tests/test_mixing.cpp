@@ -14,9 +14,9 @@ struct Shape {
   Index C, T;
 };
 // The maps are linear in each input, so central differences with a large step (1e-3) are exact up
-// to rounding. Every n in {1, 2, 4, 8}, C in {1, 3, 64, 257}, T in {1, 5, 33} appears; C = 257 and 64 exercise
-// the 64-column blocks and their tail.
-const Shape kShapes[] = {{1, 1, 1}, {1, 257, 5}, {2, 3, 33}, {2, 64, 1},  {4, 1, 5},
+// to rounding. Every n in {1, 2, 4, 8}, C in {1, 3, 64, 257}, T in {1, 5, 33} appears; C = 257 and
+// 64 exercise the 64-column blocks and their tail.
+const Shape kShapes[] = {{1, 1, 1},   {1, 257, 5}, {2, 3, 33}, {2, 64, 1},  {4, 1, 5},
                          {4, 64, 33}, {4, 257, 1}, {8, 3, 5},  {8, 257, 5}, {8, 64, 33}};
 
 template <int N>
@@ -35,7 +35,8 @@ void premix_case(const Shape& s, bool broadcast, Index pad) {
   Xp.assign(X);
   Op::forward(Xp.cview(), h, up.view());
   const RowMat<double> u_ref = premix_ref(X, h, n);
-  CHECK((up.to_double() - u_ref).cwiseAbs().maxCoeff() <= 1e-12 * (1 + u_ref.cwiseAbs().maxCoeff()));
+  CHECK((up.to_double() - u_ref).cwiseAbs().maxCoeff() <=
+        1e-12 * (1 + u_ref.cwiseAbs().maxCoeff()));
   for (Index r = 0; r < s.T; ++r)  // the row padding is never written
     for (Index c = s.C; c < s.C + pad; ++c) CHECK(up(r, c) == -777);
 
@@ -95,20 +96,24 @@ void update_case(const Shape& s, bool broadcast, Index pad) {
                         const RowMat<double>& h_post, const RowMat<double>& yy) {
     return dot(G, update_ref(x, h_res, h_post, yy, n));
   };
-  const auto gX = check_gradient([&](const Eigen::VectorXd& v) { return loss(unflat(v, X.rows(), X.cols()), H, hq, y); },
-                                 flat(X), flat(dXp.to_double()), rng, 1e-3, fd_coords(200));
+  const auto gX = check_gradient(
+      [&](const Eigen::VectorXd& v) { return loss(unflat(v, X.rows(), X.cols()), H, hq, y); },
+      flat(X), flat(dXp.to_double()), rng, 1e-3, fd_coords(200));
   CAPTURE(gX.worst, gX.analytic, gX.numeric);
   CHECK(gX.max_error < 1e-7);
-  const auto gy = check_gradient([&](const Eigen::VectorXd& v) { return loss(X, H, hq, unflat(v, y.rows(), y.cols())); },
-                                 flat(y), flat(dyp.to_double()), rng, 1e-3, fd_coords(200));
+  const auto gy = check_gradient(
+      [&](const Eigen::VectorXd& v) { return loss(X, H, hq, unflat(v, y.rows(), y.cols())); },
+      flat(y), flat(dyp.to_double()), rng, 1e-3, fd_coords(200));
   CAPTURE(gy.worst, gy.analytic, gy.numeric);
   CHECK(gy.max_error < 1e-7);
-  const auto gH = check_gradient([&](const Eigen::VectorXd& v) { return loss(X, unflat(v, H.rows(), H.cols()), hq, y); },
-                                 flat(H), flat(reduce(dH)), rng, 1e-3, fd_coords(400));
+  const auto gH = check_gradient(
+      [&](const Eigen::VectorXd& v) { return loss(X, unflat(v, H.rows(), H.cols()), hq, y); },
+      flat(H), flat(reduce(dH)), rng, 1e-3, fd_coords(400));
   CAPTURE(gH.worst, gH.analytic, gH.numeric);
   CHECK(gH.max_error < 1e-7);
-  const auto gq = check_gradient([&](const Eigen::VectorXd& v) { return loss(X, H, unflat(v, hq.rows(), hq.cols()), y); },
-                                 flat(hq), flat(reduce(dhq)), rng, 1e-3, fd_coords(400));
+  const auto gq = check_gradient(
+      [&](const Eigen::VectorXd& v) { return loss(X, H, unflat(v, hq.rows(), hq.cols()), y); },
+      flat(hq), flat(reduce(dhq)), rng, 1e-3, fd_coords(400));
   CAPTURE(gq.worst, gq.analytic, gq.numeric);
   CHECK(gq.max_error < 1e-7);
 
@@ -119,7 +124,8 @@ void update_case(const Shape& s, bool broadcast, Index pad) {
   Padded<double> g_inplace = Gp;
   RowMat<double> dH2(s.T, Index(n) * n), dhq2(s.T, n);
   Padded<double> dy2(s.T, s.C, pad);
-  Op::backward(Xp.cview(), H, hq, yp.cview(), g_inplace.cview(), g_inplace.view(), dH2, dhq2, dy2.view());
+  Op::backward(Xp.cview(), H, hq, yp.cview(), g_inplace.cview(), g_inplace.view(), dH2, dhq2,
+               dy2.view());
   CHECK(g_inplace.same_bytes(dXp));
   CHECK(dy2.same_bytes(dyp));
   CHECK(dH2 == dH);
@@ -141,10 +147,18 @@ TEST_CASE("PreMix and Update: forward matches the definition, backward matches f
   for (const Shape& s : kShapes) {
     run_shape<mhc::Dynamic>(s);
     switch (s.n) {
-      case 1: run_shape<1>(s); break;
-      case 2: run_shape<2>(s); break;
-      case 4: run_shape<4>(s); break;
-      case 8: run_shape<8>(s); break;
+      case 1:
+        run_shape<1>(s);
+        break;
+      case 2:
+        run_shape<2>(s);
+        break;
+      case 4:
+        run_shape<4>(s);
+        break;
+      case 8:
+        run_shape<8>(s);
+        break;
     }
   }
 }
@@ -177,8 +191,8 @@ TEST_CASE("PreMix and Update reject bad arguments before writing anything", "[mi
   const auto untouched = [&] { return u == u0 && out == out0; };
   // Wrong shapes.
   CHECK_THROWS_AS(P::forward(X.topRows(T * n - 1), h, u), mhc::invalid_argument);
-  CHECK_THROWS_AS(P::forward(X, h.leftCols(3), u), mhc::invalid_argument);   // n = 3 != N = 4
-  CHECK_THROWS_AS(P::forward(X, h.topRows(2), u), mhc::invalid_argument);    // 2 rows, not T or 1
+  CHECK_THROWS_AS(P::forward(X, h.leftCols(3), u), mhc::invalid_argument);  // n = 3 != N = 4
+  CHECK_THROWS_AS(P::forward(X, h.topRows(2), u), mhc::invalid_argument);   // 2 rows, not T or 1
   CHECK_THROWS_AS(U::forward(X, H.leftCols(15), h, y, out), mhc::invalid_argument);
   CHECK_THROWS_AS(U::forward(X, H, h, y.leftCols(C - 1), out), mhc::invalid_argument);
   // n out of range in the dynamic version.
@@ -186,8 +200,10 @@ TEST_CASE("PreMix and Update reject bad arguments before writing anything", "[mi
   CHECK_THROWS_AS(PD::forward(X17, h17, u), mhc::invalid_argument);
   CHECK_THROWS_AS(PD::forward(RowMat<float>(0, C), RowMat<float>(T, 0), u), mhc::invalid_argument);
   // Row stride smaller than C.
-  CHECK_THROWS_AS(P::forward(mhc::map_batch(X.data(), T * n, C, C - 1), h, u), mhc::invalid_argument);
-  CHECK_THROWS_AS(U::forward(X, H, h, mhc::map_batch(y.data(), T, C, 4), out), mhc::invalid_argument);
+  CHECK_THROWS_AS(P::forward(mhc::map_batch(X.data(), T * n, C, C - 1), h, u),
+                  mhc::invalid_argument);
+  CHECK_THROWS_AS(U::forward(X, H, h, mhc::map_batch(y.data(), T, C, 4), out),
+                  mhc::invalid_argument);
   // Null buffers.
   CHECK_THROWS_AS(P::forward(mhc::map_batch(static_cast<const float*>(nullptr), T * n, C), h, u),
                   mhc::invalid_argument);
@@ -203,8 +219,10 @@ TEST_CASE("PreMix and Update reject bad arguments before writing anything", "[mi
 
   // Backward: outputs untouched on error.
   RowMat<float> G = random_matrix(rng, T * n, C).cast<float>();
-  RowMat<float> dX = RowMat<float>::Constant(T * n, C, 7.f), dy = RowMat<float>::Constant(T, C, 7.f);
-  RowMat<float> dH = RowMat<float>::Constant(T, n * n, 7.f), dh = RowMat<float>::Constant(T, n, 7.f);
+  RowMat<float> dX = RowMat<float>::Constant(T * n, C, 7.f),
+                dy = RowMat<float>::Constant(T, C, 7.f);
+  RowMat<float> dH = RowMat<float>::Constant(T, n * n, 7.f),
+                dh = RowMat<float>::Constant(T, n, 7.f);
   const RowMat<float> dX0 = dX, dy0 = dy, dH0 = dH, dh0 = dh;
   CHECK_THROWS_AS(U::backward(X, H, h, y, G, dX, dH.leftCols(3), dh, dy), mhc::invalid_argument);
   CHECK_THROWS_AS(U::backward(X, H, h, y, G, dX, dH, dh, X.topRows(T)), mhc::invalid_argument);

@@ -32,7 +32,8 @@ void check_stored(const char* what, const RowMat<S>& out, const RowMat<double>& 
   double worst = 0;
   for (Index k = 0; k < ref.size(); ++k) {
     const double r = ref.data()[k], o = static_cast<double>(out.data()[k]);
-    worst = std::max(worst, std::abs(o - r) / (rel_stored<S>() * std::abs(r) + abs_stored<S>() * scale));
+    worst = std::max(worst,
+                     std::abs(o - r) / (rel_stored<S>() * std::abs(r) + abs_stored<S>() * scale));
   }
   CAPTURE(what, worst);
   CHECK(worst <= 1.0);
@@ -83,7 +84,8 @@ void storage_case(int n, Index C, Index T) {
   RowMat<double> hp_d(T, n), hq_d(T, n), H_d(T, Index(n) * n), r_d(T, 1), z_d(T, M);
   mhc::Coefficients<double, N>::forward(X, pv_d.params, hp_d, hq_d, H_d, r_d, z_d);
   // The same coefficients (rounded to R) feed both mixings, so each operator is compared alone.
-  const RowMat<double> hp = round_through<R>(hp_d), hq = round_through<R>(hq_d), H = round_through<R>(H_d);
+  const RowMat<double> hp = round_through<R>(hp_d), hq = round_through<R>(hq_d),
+                       H = round_through<R>(H_d);
 
   CoefParamsView<R> pv(pd);
   const RowMat<S> Xs = to<S>(X), ys = to<S>(y), Gs = to<S>(G), Gus = to<S>(Gu);
@@ -141,8 +143,8 @@ void storage_case(int n, Index C, Index T) {
   RowMat<R> dW_s(Index(n) * C, M);
   Eigen::Matrix<R, Eigen::Dynamic, 1> da_s(3), dbp_s(n), dbq_s(n), dbr_s(Index(n) * n);
   Eigen::Matrix<R, Eigen::Dynamic, 1> ws_s(mhc::Coefficients<S, N>::workspace_size(T, n, C));
-  mhc::Coefficients<S, N>::backward(Xs, pv.params, r_s, z_s, Gp.cast<R>(), Gq.cast<R>(), GH.cast<R>(),
-                                    dXc_s, {dW_s, da_s, dbp_s, dbq_s, dbr_s}, ws_s);
+  mhc::Coefficients<S, N>::backward(Xs, pv.params, r_s, z_s, Gp.cast<R>(), Gq.cast<R>(),
+                                    GH.cast<R>(), dXc_s, {dW_s, da_s, dbp_s, dbq_s, dbr_s}, ws_s);
   check_stored("Coefficients d_X", dXc_s, dXc_d);
   check_real("d_W", dW_s, dW_d);
   check_real("d_alpha", RowMat<R>(da_s), RowMat<double>(da_d));
@@ -171,11 +173,22 @@ TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat1
   const auto seed = fresh_seed();
   CAPTURE(seed);
   Rng rng(seed);
-  std::vector<float> values = {0.f, -0.f, 1.f, -1.f, 1.00390625f /* tie: 1 + 2^-8 */,
-                               1.01171875f /* tie, odd */, 3.0e38f, -3.4e38f, 1e-40f, -1e-45f,
+  std::vector<float> values = {0.f,
+                               -0.f,
+                               1.f,
+                               -1.f,
+                               1.00390625f /* tie: 1 + 2^-8 */,
+                               1.01171875f /* tie, odd */,
+                               3.0e38f,
+                               -3.4e38f,
+                               1e-40f,
+                               -1e-45f,
                                std::numeric_limits<float>::infinity(),
-                               -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::min()};
-  for (int k = 0; k < 5000; ++k) values.push_back(static_cast<float>(uniform(rng, -1, 1) * std::pow(2.0, uniform(rng, -130, 128))));
+                               -std::numeric_limits<float>::infinity(),
+                               std::numeric_limits<float>::min()};
+  for (int k = 0; k < 5000; ++k)
+    values.push_back(
+        static_cast<float>(uniform(rng, -1, 1) * std::pow(2.0, uniform(rng, -130, 128))));
   std::vector<mhc::bf16> ours(values.size());
   mhc::detail::float_to_bf16(values.data(), ours.data(), Index(values.size()));
   std::vector<float> back(values.size());
@@ -183,7 +196,8 @@ TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat1
   for (size_t k = 0; k < values.size(); ++k) {
     const mhc::bf16 ref(values[k]);
     CAPTURE(values[k]);
-    CHECK(Eigen::numext::bit_cast<std::uint16_t>(ours[k]) == Eigen::numext::bit_cast<std::uint16_t>(ref));
+    CHECK(Eigen::numext::bit_cast<std::uint16_t>(ours[k]) ==
+          Eigen::numext::bit_cast<std::uint16_t>(ref));
     CHECK(back[k] == static_cast<float>(ref));
   }
   const float nan = std::numeric_limits<float>::quiet_NaN();

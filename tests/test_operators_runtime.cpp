@@ -8,12 +8,12 @@ int g_eigen_assert_failures = 0;
 }
 // Count Eigen's assertions (among them "heap allocation is forbidden") instead of aborting, also
 // in Release builds, where eigen_assert would otherwise be compiled out.
-#define eigen_assert(x)                                                       \
-  do {                                                                        \
-    if (!(x)) {                                                               \
-      ++g_eigen_assert_failures;                                              \
+#define eigen_assert(x)                                                                  \
+  do {                                                                                   \
+    if (!(x)) {                                                                          \
+      ++g_eigen_assert_failures;                                                         \
       std::fprintf(stderr, "eigen_assert failed: %s (%s:%d)\n", #x, __FILE__, __LINE__); \
-    }                                                                         \
+    }                                                                                    \
   } while (false)
 #define EIGEN_RUNTIME_NO_MALLOC
 
@@ -42,7 +42,8 @@ struct Workload {
   RowMat<R> hp, hq, H, r, z, dhp, dhq, dH, Gp, Gq, GH, dW;
   Eigen::Matrix<R, Eigen::Dynamic, 1> da, dbp, dbq, dbr, ws;
 
-  Workload(int n_, Index C_, Index T_, std::uint64_t seed) : n(n_), C(C_), T(T_), M(Index(n_) * n_ + 2 * n_) {
+  Workload(int n_, Index C_, Index T_, std::uint64_t seed)
+      : n(n_), C(C_), T(T_), M(Index(n_) * n_ + 2 * n_) {
     Rng rng(seed);
     pd = random_coef_params(rng, n, C);
     X = random_matrix(rng, T * n, C).cast<S>();
@@ -78,8 +79,9 @@ struct Workload {
   bool identical(const Workload& o) const {
     return same(X_out, o.X_out) && same(u, o.u) && same(dX, o.dX) && same(dXu, o.dXu) &&
            same(dy, o.dy) && same(hp, o.hp) && same(hq, o.hq) && same(H, o.H) && same(r, o.r) &&
-           same(z, o.z) && same(dhp, o.dhp) && same(dhq, o.dhq) && same(dH, o.dH) && same(dW, o.dW) &&
-           same(da, o.da) && same(dbp, o.dbp) && same(dbq, o.dbq) && same(dbr, o.dbr);
+           same(z, o.z) && same(dhp, o.dhp) && same(dhq, o.dhq) && same(dH, o.dH) &&
+           same(dW, o.dW) && same(da, o.da) && same(dbp, o.dbp) && same(dbq, o.dbq) &&
+           same(dbr, o.dbr);
   }
 };
 
@@ -92,7 +94,8 @@ void no_malloc_case(int n, Index C, Index T) {
   w.run(pv.params);
   // Static-only mode as well.
   mhc::RowMatrix<mhc::compute_t<S>> W0(0, w.M), dW0(0, w.M);
-  const mhc::CoefficientParams<mhc::compute_t<S>> sp{W0, pv.params.alpha, pv.b_pre, pv.b_post, pv.b_res};
+  const mhc::CoefficientParams<mhc::compute_t<S>> sp{W0, pv.params.alpha, pv.b_pre, pv.b_post,
+                                                     pv.b_res};
   auto hp1 = w.hp.topRows(1), hq1 = w.hq.topRows(1), H1 = w.H.topRows(1);
   mhc::Coefficients<S, N>::forward(w.X, sp, hp1, hq1, H1, w.r, w.z);
   mhc::Coefficients<S, N>::backward(w.X, sp, w.r, w.z, w.Gp, w.Gq, w.GH, w.dX,

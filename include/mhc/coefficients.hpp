@@ -98,7 +98,9 @@ struct DynamicAccumulator {
     m = M;
     a.setZero(M);
   }
-  void fma(const Real* w, Real s) { a += Eigen::Map<const Eigen::Array<Real, Eigen::Dynamic, 1>>(w, m) * s; }
+  void fma(const Real* w, Real s) {
+    a += Eigen::Map<const Eigen::Array<Real, Eigen::Dynamic, 1>>(w, m) * s;
+  }
   void store_scaled(Real* dst, Real s) const {
     Eigen::Map<Eigen::Array<Real, Eigen::Dynamic, 1>>(dst, m) = a * s;
   }
@@ -110,10 +112,14 @@ struct CoefficientKernels {
   static constexpr int kM = N == Dynamic ? Eigen::Dynamic : coefficient_count(N);
   static constexpr int kMaxN = N == Dynamic ? kMaxStreams : N;
   static constexpr int kMaxM = coefficient_count(kMaxN);
-  static constexpr int kTileTokens = 12;     // tokens per tile of the forward projection
-  static constexpr int kGradTileTokens = 12; // tokens per tile of the d_X pass
-  static constexpr int kGradColumnBlock = 32;  // columns per block of the d_X pass
   static constexpr int kPacket = Eigen::internal::packet_traits<Real>::size;
+  // Register budget: about 24 packet accumulators per tile (of 32 vector registers with AVX-512).
+  static constexpr int kAccPackets = (kMaxM + kPacket - 1) / kPacket;  // per token, forward
+  static constexpr int kTileTokens =  // tokens per tile of the forward projection (12 for n = 4)
+      N == Dynamic ? 8 : std::max(1, std::min(12, 24 / kAccPackets));
+  static constexpr int kGradColumnBlock = 32;  // columns per block of the d_X pass
+  static constexpr int kGradTileTokens =       // tokens per tile of the d_X pass (12 for float)
+      std::max(1, std::min(12, 24 / std::max(1, kGradColumnBlock / kPacket)));
   using Accumulator = std::conditional_t<N == Dynamic, DynamicAccumulator<Real>,
                                          SplitAccumulator<Real, coefficient_count(N > 0 ? N : 1)>>;
 
@@ -124,8 +130,8 @@ struct CoefficientKernels {
   /// Forward for tokens [t0, t0 + TB): the projection and sum of squares in one pass over their
   /// rows of X, then r, z and the coefficients per token.
   template <int TB>
-  static void forward_tile(const ConstBatchRef<Scalar>& X, const CoefficientParams<Real>& p, int n_rt,
-                           Index t0, BatchRef<Real>& h_pre, BatchRef<Real>& h_post,
+  static void forward_tile(const ConstBatchRef<Scalar>& X, const CoefficientParams<Real>& p,
+                           int n_rt, Index t0, BatchRef<Real>& h_pre, BatchRef<Real>& h_post,
                            BatchRef<Real>& H_res, BatchRef<Real>& r, BatchRef<Real>& z) {
     const int n = N == Dynamic ? n_rt : N;
     const Index C = X.cols();
@@ -183,7 +189,8 @@ struct CoefficientKernels {
       (void)buf;
       return Eigen::internal::ploadu<Packet>(src);
     } else {
-      Eigen::Map<Eigen::Array<Real, 1, kPacket>>(buf, kPacket) = load_row<Real, kPacket>(src, kPacket);
+      Eigen::Map<Eigen::Array<Real, 1, kPacket>>(buf, kPacket) =
+          load_row<Real, kPacket>(src, kPacket);
       return Eigen::internal::ploadu<Packet>(buf);
     }
   }
@@ -210,7 +217,8 @@ struct CoefficientKernels {
           for (int t = 0; t < TB; ++t) {
             const Scalar* src = detail::at(X, (t0 + t) * n + i, c0);
             const Packet nb = pset1<Packet>(-beta[t]);
-            for (int q = 0; q < kVec; ++q) acc[t][q] = pmul(nb, load_packet(src + q * kPacket, buf));
+            for (int q = 0; q < kVec; ++q)
+              acc[t][q] = pmul(nb, load_packet(src + q * kPacket, buf));
           }
           for (int m = 0; m < M; ++m, wt += nC) {
             Packet wm[kVec];
@@ -228,14 +236,16 @@ struct CoefficientKernels {
                 pstoreu(dst + q * kPacket, sum);
               } else {
                 pstoreu(buf, sum);
-                store_row<kPacket>(dst + q * kPacket, kPacket, Eigen::Map<const Eigen::Array<Real, 1, kPacket>>(buf));
+                store_row<kPacket>(dst + q * kPacket, kPacket,
+                                   Eigen::Map<const Eigen::Array<Real, 1, kPacket>>(buf));
               }
             }
           }
         } else {
           BlockRow<Real, Eigen::Dynamic, kGradColumnBlock> acc[TB];
           for (int t = 0; t < TB; ++t)
-            acc[t] = -beta[t] * load_row<Real, Eigen::Dynamic>(detail::at(X, (t0 + t) * n + i, c0), w);
+            acc[t] =
+                -beta[t] * load_row<Real, Eigen::Dynamic>(detail::at(X, (t0 + t) * n + i, c0), w);
           for (int m = 0; m < M; ++m, wt += nC) {
             const Eigen::Map<const Eigen::Array<Real, 1, Eigen::Dynamic>> wm(wt, w);
             for (int t = 0; t < TB; ++t) acc[t] += g[(t0 + t) * ldg + m] * wm;
@@ -269,7 +279,8 @@ struct CoefficientKernels {
       if (w == kPacket) {
         v = load_packet(src, buf);
       } else {
-        Eigen::Map<Eigen::Array<Real, 1, Eigen::Dynamic>>(buf, w) = load_row<Real, Eigen::Dynamic>(src, w);
+        Eigen::Map<Eigen::Array<Real, 1, Eigen::Dynamic>>(buf, w) =
+            load_row<Real, Eigen::Dynamic>(src, w);
         v = ploadu<Packet>(buf);  // lanes >= w stay 0
       }
       const Real* gt = g + t * ldg;
@@ -353,13 +364,14 @@ struct Coefficients {
     constexpr int TB = K::kTileTokens;
     const Index full_tiles = T / TB;
     const Index jobs = full_tiles + (T - full_tiles * TB);
-    detail::for_each_parallel(jobs, T * Index(n) * X.cols() * M / std::max<Index>(1, jobs), [&](Index job) {
-      if (job < full_tiles)
-        K::template forward_tile<TB>(X, p, n, job * TB, h_pre, h_post, H_res, r, z);
-      else
-        K::template forward_tile<1>(X, p, n, full_tiles * TB + (job - full_tiles), h_pre, h_post,
-                                    H_res, r, z);
-    });
+    detail::for_each_parallel(
+        jobs, T * Index(n) * X.cols() * M / std::max<Index>(1, jobs), [&](Index job) {
+          if (job < full_tiles)
+            K::template forward_tile<TB>(X, p, n, job * TB, h_pre, h_post, H_res, r, z);
+          else
+            K::template forward_tile<1>(X, p, n, full_tiles * TB + (job - full_tiles), h_pre,
+                                        h_post, H_res, r, z);
+        });
   }
 
   /// Backward. Inputs as the forward plus its cache r, z and the coefficient gradients
@@ -404,15 +416,21 @@ struct Coefficients {
       using detail::byte_range;
       using detail::vector_bytes;
       const std::pair<std::uintptr_t, std::uintptr_t> outs[] = {
-          byte_range(grads.d_W), byte_range(vector_bytes(grads.d_alpha)),
-          byte_range(vector_bytes(grads.d_b_pre)), byte_range(vector_bytes(grads.d_b_post)),
+          byte_range(grads.d_W),
+          byte_range(vector_bytes(grads.d_alpha)),
+          byte_range(vector_bytes(grads.d_b_pre)),
+          byte_range(vector_bytes(grads.d_b_post)),
           byte_range(vector_bytes(grads.d_b_res)),
           static_only ? byte_range(grads.d_W) : byte_range(d_X),
           {reinterpret_cast<std::uintptr_t>(workspace.data()),
            reinterpret_cast<std::uintptr_t>(workspace.data() + ws)}};
       const std::pair<std::uintptr_t, std::uintptr_t> ins[] = {
-          byte_range(p.W), byte_range(vector_bytes(p.b_pre)), byte_range(vector_bytes(p.b_post)),
-          byte_range(vector_bytes(p.b_res)), byte_range(d_h_pre), byte_range(d_h_post),
+          byte_range(p.W),
+          byte_range(vector_bytes(p.b_pre)),
+          byte_range(vector_bytes(p.b_post)),
+          byte_range(vector_bytes(p.b_res)),
+          byte_range(d_h_pre),
+          byte_range(d_h_post),
           byte_range(d_H_res),
           static_only ? byte_range(p.W) : byte_range(X),
           static_only ? byte_range(p.W) : byte_range(r),
@@ -421,7 +439,8 @@ struct Coefficients {
       for (int a = 0; a < kOuts; ++a) {
         for (const auto& in : ins)
           if (range_overlaps(outs[a], in))
-            detail::throw_invalid(where, "output #", a, " (d_W, d_alpha, d_b_pre, d_b_post, "
+            detail::throw_invalid(where, "output #", a,
+                                  " (d_W, d_alpha, d_b_pre, d_b_post, "
                                   "d_b_res, d_X, workspace) overlaps an input");
         for (int b = a + 1; b < kOuts; ++b)
           if (range_overlaps(outs[a], outs[b]))
@@ -470,9 +489,10 @@ struct Coefficients {
       for (Index k = 0; k < M + 3; ++k) da[k] = Real(0);
       Real scratch[detail::coefficient_backward_scratch(K::kMaxN, kMaxSinkhornIterations)];
       Real dzt[K::kMaxM];
-      detail::mhc_coefficients_backward<N>(n, p.iterations, detail::at(z, t, 0), gp, detail::at(d_h_pre, t, 0),
-                                           detail::at(d_h_post, t, 0), detail::at(d_H_res, t, 0), dzt, dalpha, da,
-                                           da + n, da + 2 * n, scratch);
+      detail::mhc_coefficients_backward<N>(n, p.iterations, detail::at(z, t, 0), gp,
+                                           detail::at(d_h_pre, t, 0), detail::at(d_h_post, t, 0),
+                                           detail::at(d_H_res, t, 0), dzt, dalpha, da, da + n,
+                                           da + 2 * n, scratch);
       const Real inv_r = Real(1) / r(t, 0);
       for (Index m = 0; m < M; ++m) gt[m] = dzt[m] * inv_r;
     });
@@ -549,8 +569,8 @@ struct Coefficients {
     detail::check_finite(where, "b_res", p.b_res);
     if (p.W.rows() != 0) {
       if (p.W.cols() != projection_size(n))
-        detail::throw_invalid(where, "W has ", p.W.cols(), " columns, expected n^2 + 2n = ",
-                              projection_size(n));
+        detail::throw_invalid(where, "W has ", p.W.cols(),
+                              " columns, expected n^2 + 2n = ", projection_size(n));
       detail::check_batch(where, "W", p.W, p.W.rows(), p.W.cols());
     }
     return n;
@@ -563,8 +583,8 @@ struct Coefficients {
     const Index T = X.rows() / n;
     detail::check_batch(where, "X", X, T * n, X.cols());
     if (p.W.rows() != Index(n) * X.cols())
-      detail::throw_invalid(where, "W has ", p.W.rows(), " rows, expected n*C = ", n, "*",
-                            X.cols(), " = ", Index(n) * X.cols());
+      detail::throw_invalid(where, "W has ", p.W.rows(), " rows, expected n*C = ", n, "*", X.cols(),
+                            " = ", Index(n) * X.cols());
     return T;
   }
 
@@ -579,10 +599,12 @@ struct Coefficients {
     for (int a = 0; a < kOuts; ++a) {
       for (const auto& i : in)
         if (range_overlaps(o[a], i))
-          detail::throw_invalid(where, "output #", a, " (h_pre, h_post, H_res, r, z) overlaps a parameter");
+          detail::throw_invalid(where, "output #", a,
+                                " (h_pre, h_post, H_res, r, z) overlaps a parameter");
       for (int b = a + 1; b < kOuts; ++b)
         if (range_overlaps(o[a], o[b]))
-          detail::throw_invalid(where, "outputs #", a, " and #", b, " (h_pre, h_post, H_res, r, z) overlap");
+          detail::throw_invalid(where, "outputs #", a, " and #", b,
+                                " (h_pre, h_post, H_res, r, z) overlap");
     }
   }
 };

@@ -4,7 +4,8 @@
 //   PreMix   u  = h_pre^T X              u[c]     = sum_i h_pre[i] X[i][c]
 //   Update   X' = H_res X + h_post y^T   X'[i][c] = sum_j H_res[i][j] X[j][c] + h_post[i] y[c]
 //
-// Shapes, per batch of T tokens (storage Scalar in {float, double, bf16}, Real = compute_t<Scalar>):
+// Shapes, per batch of T tokens (storage Scalar in {float, double, bf16}, Real =
+// compute_t<Scalar>):
 //   X, X', d_X : (T*n, C) Scalar, row t*n+i is stream i of token t; rows may be padded
 //   u, y, d_u, d_y : (T, C) Scalar
 //   h_pre, h_post : (T, n) Real;  H_res : (T, n*n) Real, row-major n x n per token.
@@ -23,7 +24,8 @@ namespace mhc {
 /// Layer input u = h_pre^T X and its backward.
 template <typename Scalar, int N = 4>
 struct PreMix {
-  static_assert(detail::is_storage_scalar_v<Scalar>, "mhc::PreMix: Scalar must be float, double or bf16");
+  static_assert(detail::is_storage_scalar_v<Scalar>,
+                "mhc::PreMix: Scalar must be float, double or bf16");
   static_assert(N == Dynamic || (N >= 1 && N <= kMaxStreams), "mhc::PreMix: N out of range");
   using Real = compute_t<Scalar>;
   static constexpr int kStreams = N;
@@ -46,8 +48,10 @@ struct PreMix {
       const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
-        detail::BlockRow<Real, W> acc = hp[0] * detail::load_row<Real, W>(detail::at(X, t * n, c0), w);
-        for (int i = 1; i < n; ++i) acc += hp[i] * detail::load_row<Real, W>(detail::at(X, t * n + i, c0), w);
+        detail::BlockRow<Real, W> acc =
+            hp[0] * detail::load_row<Real, W>(detail::at(X, t * n, c0), w);
+        for (int i = 1; i < n; ++i)
+          acc += hp[i] * detail::load_row<Real, W>(detail::at(X, t * n + i, c0), w);
         detail::stream_row<W>(detail::at(u, t, c0), w, acc);
       });
       detail::stream_fence();
@@ -97,7 +101,8 @@ struct PreMix {
 /// Residual update X' = H_res X + h_post y^T and its backward.
 template <typename Scalar, int N = 4>
 struct Update {
-  static_assert(detail::is_storage_scalar_v<Scalar>, "mhc::Update: Scalar must be float, double or bf16");
+  static_assert(detail::is_storage_scalar_v<Scalar>,
+                "mhc::Update: Scalar must be float, double or bf16");
   static_assert(N == Dynamic || (N >= 1 && N <= kMaxStreams), "mhc::Update: N out of range");
   using Real = compute_t<Scalar>;
   static constexpr int kStreams = N;
@@ -129,7 +134,8 @@ struct Update {
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
         detail::BlockTile<Real, N, W> x(n, w);  // (n, w): token t's streams, this block
-        for (int j = 0; j < n; ++j) x.row(j) = detail::load_row<Real, W>(detail::at(X, t * n + j, c0), w);
+        for (int j = 0; j < n; ++j)
+          x.row(j) = detail::load_row<Real, W>(detail::at(X, t * n + j, c0), w);
         const detail::BlockRow<Real, W> yr = detail::load_row<Real, W>(detail::at(y, t, c0), w);
         for (int i = 0; i < n; ++i) {
           detail::BlockRow<Real, W> acc = hq[i] * yr;
@@ -188,7 +194,8 @@ struct Update {
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
         detail::BlockTile<Real, N, W> g(n, w);  // (n, w) rows of G for token t
-        for (int i = 0; i < n; ++i) g.row(i) = detail::load_row<Real, W>(detail::at(d_X_out, t * n + i, c0), w);
+        for (int i = 0; i < n; ++i)
+          g.row(i) = detail::load_row<Real, W>(detail::at(d_X_out, t * n + i, c0), w);
         const detail::BlockRow<Real, W> yr = detail::load_row<Real, W>(detail::at(y, t, c0), w);
         detail::BlockRow<Real, W> dy = hq[0] * g.row(0);
         dhq[0].template add<W>(g.row(0), yr, w);
@@ -198,7 +205,8 @@ struct Update {
         }
         detail::stream_row<W>(detail::at(d_y, t, c0), w, dy);
         for (int j = 0; j < n; ++j) {
-          const detail::BlockRow<Real, W> x = detail::load_row<Real, W>(detail::at(X, t * n + j, c0), w);
+          const detail::BlockRow<Real, W> x =
+              detail::load_row<Real, W>(detail::at(X, t * n + j, c0), w);
           detail::BlockRow<Real, W> dx = H[j] * g.row(0);
           dH[j].template add<W>(g.row(0), x, w);
           for (int i = 1; i < n; ++i) {

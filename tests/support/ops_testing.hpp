@@ -25,9 +25,14 @@ struct Padded {
   std::vector<S> data;
   Padded() = default;
   Padded(Index r, Index c, Index pad = 0)
-      : rows(r), cols(c), stride(c + pad), data(static_cast<size_t>(std::max<Index>(1, r * (c + pad))), S(-777)) {}
+      : rows(r),
+        cols(c),
+        stride(c + pad),
+        data(static_cast<size_t>(std::max<Index>(1, r * (c + pad))), S(-777)) {}
   auto view() { return mhc::map_batch(data.data(), rows, cols, stride); }
-  auto cview() const { return mhc::map_batch(static_cast<const S*>(data.data()), rows, cols, stride); }
+  auto cview() const {
+    return mhc::map_batch(static_cast<const S*>(data.data()), rows, cols, stride);
+  }
   S& operator()(Index r, Index c) { return data[static_cast<size_t>(r * stride + c)]; }
   S operator()(Index r, Index c) const { return data[static_cast<size_t>(r * stride + c)]; }
   template <typename M>
@@ -48,7 +53,8 @@ struct Padded {
 };
 
 /// Random (rows, cols) matrix in [lo, hi).
-inline RowMat<double> random_matrix(Rng& rng, Index rows, Index cols, double lo = -1, double hi = 1) {
+inline RowMat<double> random_matrix(Rng& rng, Index rows, Index cols, double lo = -1,
+                                    double hi = 1) {
   RowMat<double> m(rows, cols);
   fill_uniform(m, rng, lo, hi);
   return m;
@@ -58,7 +64,8 @@ inline RowMat<double> random_matrix(Rng& rng, Index rows, Index cols, double lo 
 template <typename S>
 RowMat<double> round_through(const RowMat<double>& m) {
   RowMat<double> r(m.rows(), m.cols());
-  for (Index i = 0; i < m.size(); ++i) r.data()[i] = static_cast<double>(static_cast<S>(m.data()[i]));
+  for (Index i = 0; i < m.size(); ++i)
+    r.data()[i] = static_cast<double>(static_cast<S>(m.data()[i]));
   return r;
 }
 
@@ -118,7 +125,8 @@ inline Eigen::MatrixXd sinkhorn_ref(const Eigen::MatrixXd& A, int iterations) {
   Eigen::MatrixXd M(n, n);
   for (Eigen::Index j = 0; j < n; ++j) {
     const double m = A.col(j).maxCoeff();
-    for (Eigen::Index i = 0; i < n; ++i) M(i, j) = std::max(std::exp(A(i, j) - m), 2.2250738585072014e-308);
+    for (Eigen::Index i = 0; i < n; ++i)
+      M(i, j) = std::max(std::exp(A(i, j) - m), 2.2250738585072014e-308);
   }
   for (int k = 0; k < iterations; ++k) {
     for (Eigen::Index j = 0; j < n; ++j) M.col(j) /= M.col(j).sum();

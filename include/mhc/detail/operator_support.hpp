@@ -8,13 +8,13 @@
 #pragma once
 
 #include <Eigen/Core>
-#include <type_traits>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#if defined(__AVX512F__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(MHC_NO_STREAM_STORES)
+#if defined(__AVX512F__) && (defined(__x86_64__) || defined(_M_X64)) && \
+    !defined(MHC_NO_STREAM_STORES)
 #include <immintrin.h>
 #define MHC_HAVE_STREAM_STORES 1
 #endif
@@ -34,9 +34,9 @@ using VectorRef = Eigen::Ref<Eigen::Matrix<Real, Eigen::Dynamic, 1>>;
 namespace detail {
 
 template <typename Scalar>
-inline constexpr bool is_storage_scalar_v = std::is_same<Scalar, float>::value ||
-                                            std::is_same<Scalar, double>::value ||
-                                            std::is_same<Scalar, bf16>::value;
+inline constexpr bool is_storage_scalar_v =
+    std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value ||
+    std::is_same<Scalar, bf16>::value;
 
 /// Columns per tile of the streaming kernels (a few SIMD packets; one tile of n rows stays in L1).
 inline constexpr int kColumnBlock = 64;
@@ -123,11 +123,13 @@ inline void stream_row(Scalar* dst, Index w, const Expr& row) {
     if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
       if constexpr (std::is_same<Scalar, float>::value) {
         const LoadedRow<float, Width> v = row;
-        for (int q = 0; q < Width / 16; ++q) _mm512_stream_ps(dst + 16 * q, _mm512_loadu_ps(v.data() + 16 * q));
+        for (int q = 0; q < Width / 16; ++q)
+          _mm512_stream_ps(dst + 16 * q, _mm512_loadu_ps(v.data() + 16 * q));
         return;
       } else if constexpr (std::is_same<Scalar, double>::value) {
         const LoadedRow<double, Width> v = row;
-        for (int q = 0; q < Width / 8; ++q) _mm512_stream_pd(dst + 8 * q, _mm512_loadu_pd(v.data() + 8 * q));
+        for (int q = 0; q < Width / 8; ++q)
+          _mm512_stream_pd(dst + 8 * q, _mm512_loadu_pd(v.data() + 8 * q));
         return;
       } else {
         const LoadedRow<float, Width> v = row;
@@ -192,8 +194,8 @@ inline Index coefficient_row(const View& v, Index t) {
   return v.rows() == 1 ? 0 : t;
 }
 
-/// Total work (roughly, elements touched) below which for_each_parallel stays on the calling thread:
-/// starting a parallel region costs microseconds, far more than a small batch.
+/// Total work (roughly, elements touched) below which for_each_parallel stays on the calling
+/// thread: starting a parallel region costs microseconds, far more than a small batch.
 inline constexpr Index kMinParallelWork = Index(1) << 18;
 
 /// body(i) for each i in [0, count), over threading.hpp's contiguous chunks, in parallel when
@@ -215,17 +217,17 @@ inline void check_coefficients(const char* where, const char* name, const View& 
                                Index cols) {
   const Index rows = v.rows() == 1 ? 1 : T;
   if (v.rows() != rows || v.cols() != cols)
-    throw_invalid(where, name, " has shape (", v.rows(), ", ", v.cols(), "), expected (", T,
-                  ", ", cols, ") or (1, ", cols, ")");
+    throw_invalid(where, name, " has shape (", v.rows(), ", ", v.cols(), "), expected (", T, ", ",
+                  cols, ") or (1, ", cols, ")");
   check_batch(where, name, v, rows, cols);
 }
 
 /// A contiguous vector of `size` elements, non-null when non-empty.
 template <typename View>
 inline void check_vector(const char* where, const char* name, const View& v, Index size) {
-  if (v.size() != size)
-    throw_invalid(where, name, " has ", v.size(), " elements, expected ", size);
-  if (size > 0 && v.data() == nullptr) throw_invalid(where, name, " is null but has ", size, " elements");
+  if (v.size() != size) throw_invalid(where, name, " has ", v.size(), " elements, expected ", size);
+  if (size > 0 && v.data() == nullptr)
+    throw_invalid(where, name, " is null but has ", size, " elements");
 }
 
 /// Byte range of a contiguous vector view, for the overlap checks.
