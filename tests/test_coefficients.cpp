@@ -1,6 +1,11 @@
 // Coefficients (X -> r, z, h_pre, h_post, H_res): forward against the definition of spec 2.1-2.5
 // written independently in double, backward against central finite differences in double for X,
-// W, alpha (3), b_pre, b_post and b_res; static-only mode; argument errors.
+// W, alpha (3), b_pre, b_post and b_res; static-only mode; argument errors. The same for the HC
+// and mHC-lite mappings (Coefficients<S, N, HcVariant / MhcLiteVariant>).
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
 #include "support/catch.hpp"
 #include "support/ops_testing.hpp"
 
@@ -136,7 +141,216 @@ void run_shape(const Shape& s) {
   gradient_case<N>(s, true, false);
 }
 
+// ---- HC and mHC-lite mappings ----------------------------------------------------------------
+
+enum class Mapping { hc, lite };
+
+Index mapping_width(Mapping m, int n) {  // M
+  Index f = 1;
+  for (int k = 2; k <= n; ++k) f *= k;
+  return m == Mapping::hc ? Index(n) * n + 2 * n : f + 2 * n;
+}
+Index mapping_res(Mapping m, int n) { return mapping_width(m, n) - 2 * n; }  // R
+
+/// HC / mHC-lite coefficients from their definitions (spec section 4), in double:
+///   HC:   h_pre = alpha_pre tanh(z_pre) + b_pre, h_post likewise, H_res = alpha_res tanh(z_res) + b_res
+///   lite: sigmoid gates as mHC; H_res = sum_k softmax(alpha_res z_res + b_res)_k P_k over the n!
+///         permutations in lexicographic order.
+CoefOutD mapping_ref(Mapping m, const RowMat<double>& X, const CoefParamsD& p, int n) {
+  const Index M = mapping_width(m, n), R = mapping_res(m, n);
+  const bool is_static = p.W.rows() == 0;
+  const Index T = is_static ? 1 : X.rows() / n;
+  const Index C = X.cols();
+  CoefOutD o;
+  o.h_pre.resize(T, n);
+  o.h_post.resize(T, n);
+  o.H_res.setZero(T, Index(n) * n);
+  o.r.resize(T, 1);
+  o.z.resize(T, M);
+  for (Index t = 0; t < T; ++t) {
+    Eigen::VectorXd z = Eigen::VectorXd::Zero(M);
+    if (!is_static) {
+      Eigen::VectorXd v(Index(n) * C);
+      for (int i = 0; i < n; ++i)
+        for (Index c = 0; c < C; ++c) v[i * C + c] = X(t * n + i, c);
+      const double r = std::sqrt(v.squaredNorm() / double(n * C) + p.eps);
+      z = (p.W.transpose() * v) / r;
+      o.r(t, 0) = r;
+      o.z.row(t) = z.transpose();
+    }
+    if (m == Mapping::hc) {
+      for (int i = 0; i < n; ++i) {
+        o.h_pre(t, i) = p.alpha[0] * std::tanh(z[i]) + p.b_pre[i];
+        o.h_post(t, i) = p.alpha[1] * std::tanh(z[n + i]) + p.b_post[i];
+      }
+      for (Index k = 0; k < R; ++k) o.H_res(t, k) = p.alpha[2] * std::tanh(z[2 * n + k]) + p.b_res[k];
+    } else {
+      for (int i = 0; i < n; ++i) {
+        o.h_pre(t, i) = sigmoid(p.alpha[0] * z[i] + p.b_pre[i]);
+        o.h_post(t, i) = 2 * sigmoid(p.alpha[1] * z[n + i] + p.b_post[i]);
+      }
+      Eigen::VectorXd w(R);
+      for (Index k = 0; k < R; ++k) w[k] = std::exp(p.alpha[2] * z[2 * n + k] + p.b_res[k]);
+      w /= w.sum();
+      std::vector<int> perm(n);
+      std::iota(perm.begin(), perm.end(), 0);
+      for (Index k = 0; k < R; ++k, std::next_permutation(perm.begin(), perm.end()))
+        for (int i = 0; i < n; ++i) o.H_res(t, i * n + perm[i]) += w[k];
+    }
+  }
+  return o;
+}
+
+template <typename Variant, int N>
+void mapping_gradient_case(Mapping m, int n, Index C, Index T, bool is_static) {
+  const auto seed = fresh_seed();
+  CAPTURE(seed, Variant::name, n, C, T, N, is_static);
+  Rng rng(seed);
+  const Index M = mapping_width(m, n), R = mapping_res(m, n);
+  const RowMat<double> X = random_matrix(rng, T * n, C);
+  CoefParamsD p = random_coef_params(rng, n, C, is_static);
+  p.W = is_static ? RowMat<double>(0, M)
+                  : RowMat<double>(random_matrix(rng, Index(n) * C, M) * (1.7 / std::sqrt(double(n * C))));
+  p.b_res = Eigen::VectorXd(R);
+  for (Index k = 0; k < R; ++k) p.b_res[k] = uniform(rng, -1.5, 1.5);
+
+  using Op = mhc::Coefficients<double, N, Variant>;
+  REQUIRE(Op::projection_size(n) == M);
+  REQUIRE(Op::res_size(n) == R);
+  const Index rows = is_static ? 1 : T;
+  const Index pad = C % 2 == 1 ? 3 : 0;
+  CoefParamsView<double> pv(p);
+  Padded<double> Xp(X.rows(), X.cols(), pad), dXp(X.rows(), X.cols(), pad);
+  Xp.assign(X);
+  RowMat<double> hp(rows, n), hq(rows, n), H(rows, Index(n) * n), r(is_static ? 0 : T, 1),
+      z(is_static ? 0 : T, M);
+  Op::forward(Xp.cview(), pv.params, hp, hq, H, r, z);
+  const CoefOutD ref = mapping_ref(m, X, p, n);
+  CHECK((hp - ref.h_pre).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((hq - ref.h_post).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((H - ref.H_res).cwiseAbs().maxCoeff() < 1e-12);
+  if (!is_static) {
+    CHECK((r - ref.r).cwiseAbs().maxCoeff() < 1e-12);
+    CHECK((z - ref.z).cwiseAbs().maxCoeff() < 1e-11);
+  }
+
+  const RowMat<double> Gp = random_matrix(rng, T, n), Gq = random_matrix(rng, T, n),
+                       GH = random_matrix(rng, T, Index(n) * n);
+  const auto expand = [&](const RowMat<double>& row) {
+    RowMat<double> e(T, row.cols());
+    for (Index t = 0; t < T; ++t) e.row(t) = row.row(row.rows() == 1 ? 0 : t);
+    return e;
+  };
+  const auto loss_of = [&](const RowMat<double>& x, const CoefParamsD& q) {
+    const CoefOutD o = mapping_ref(m, x, q, n);
+    return dot(Gp, expand(o.h_pre)) + dot(Gq, expand(o.h_post)) + dot(GH, expand(o.H_res));
+  };
+  const RowMat<double> D0 = random_matrix(rng, X.rows(), X.cols());
+  dXp.assign(D0);
+  RowMat<double> dW(p.W.rows(), M);
+  Eigen::VectorXd d_alpha(3), db_pre(n), db_post(n), db_res(R);
+  Eigen::VectorXd ws(Op::workspace_size(T, n, C, is_static));
+  Op::backward(Xp.cview(), pv.params, r, z, Gp, Gq, GH, dXp.view(),
+               {dW, d_alpha, db_pre, db_post, db_res}, ws);
+  if (is_static) {
+    CHECK(dXp.to_double() == D0);
+  } else {
+    const RowMat<double> dX = dXp.to_double() - D0;
+    const auto gX = check_gradient(
+        [&](const Eigen::VectorXd& v) { return loss_of(unflat(v, X.rows(), X.cols()), p); },
+        flat(X), flat(dX), rng, 1e-6, fd_coords(60));
+    CAPTURE(gX.worst, gX.analytic, gX.numeric);
+    CHECK(gX.max_error < 1e-6);
+    const auto gW = check_gradient(
+        [&](const Eigen::VectorXd& v) {
+          CoefParamsD q = p;
+          q.W = unflat(v, p.W.rows(), M);
+          return loss_of(X, q);
+        },
+        flat(p.W), flat(dW), rng, 1e-6, fd_coords(60));
+    CAPTURE(gW.worst, gW.analytic, gW.numeric);
+    CHECK(gW.max_error < 1e-6);
+  }
+  const auto check_vec = [&](const char* what, const Eigen::VectorXd& x0, const Eigen::VectorXd& g,
+                             auto set) {
+    const auto res = check_gradient(
+        [&](const Eigen::VectorXd& v) {
+          CoefParamsD q = p;
+          set(q, v);
+          return loss_of(X, q);
+        },
+        x0, g, rng);
+    CAPTURE(what, res.worst, res.analytic, res.numeric);
+    CHECK(res.max_error < 1e-6);
+  };
+  check_vec("alpha", p.alpha, d_alpha,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.alpha = v; });
+  check_vec("b_pre", p.b_pre, db_pre,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_pre = v; });
+  check_vec("b_post", p.b_post, db_post,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_post = v; });
+  check_vec("b_res", p.b_res, db_res,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_res = v; });
+}
+
+template <typename Variant, int N>
+void mapping_cases(Mapping m, int n, Index C, Index T) {
+  mapping_gradient_case<Variant, N>(m, n, C, T, false);
+  mapping_gradient_case<Variant, N>(m, n, C, T, true);
+}
+
 }  // namespace
+
+TEST_CASE("Coefficients with the HC and mHC-lite mappings: forward matches the definition, "
+          "backward matches finite differences",
+          "[coefficients][variants]") {
+  using mhc::Dynamic;
+  using mhc::HcVariant;
+  using mhc::MhcLiteVariant;
+  const Mapping hc = Mapping::hc, lite = Mapping::lite;
+  // HC: width n^2 + 2n, as mHC.
+  mapping_cases<HcVariant, Dynamic>(hc, 1, 5, 3);
+  mapping_cases<HcVariant, Dynamic>(hc, 3, 17, 13);
+  mapping_cases<HcVariant, 2>(hc, 2, 33, 5);
+  mapping_cases<HcVariant, 4>(hc, 4, 64, 13);
+  // mHC-lite: width n! + 2n (smaller than n^2 + 2n for n <= 3, larger for n = 4, 5).
+  mapping_cases<MhcLiteVariant, Dynamic>(lite, 1, 5, 3);
+  mapping_cases<MhcLiteVariant, Dynamic>(lite, 2, 7, 13);
+  mapping_cases<MhcLiteVariant, Dynamic>(lite, 5, 7, 3);
+  mapping_cases<MhcLiteVariant, 3>(lite, 3, 17, 13);
+  mapping_cases<MhcLiteVariant, 4>(lite, 4, 64, 13);
+  mapping_cases<MhcLiteVariant, 5>(lite, 5, 3, 5);
+}
+
+TEST_CASE("Coefficients with the mHC-lite mapping reject n > 5 and W of the mHC width",
+          "[coefficients][variants][errors]") {
+  Rng rng(fresh_seed());
+  {
+    const int n = 6;
+    CoefParamsD pd = random_coef_params(rng, n, 2, true);
+    CoefParamsView<float> pv(pd);
+    RowMat<float> hp(1, n), hq(1, n), H(1, n * n), r(0, 1), z(0, 1);
+    hp.setConstant(7.f);
+    CHECK_THROWS_AS((mhc::Coefficients<float, mhc::Dynamic, mhc::MhcLiteVariant>::forward(
+                        RowMat<float>(0, 2), pv.params, hp, hq, H, r, z)),
+                    mhc::invalid_argument);
+    CHECK((hp.array() == 7.f).all());
+  }
+  {
+    const int n = 4;
+    const Index C = 3, T = 2;
+    CoefParamsD pd = random_coef_params(rng, n, C);  // W is (nC, n^2 + 2n) = 24 columns, not 32
+    pd.b_res = Eigen::VectorXd::Zero(24);
+    CoefParamsView<float> pv(pd);
+    const RowMat<float> X = random_matrix(rng, T * n, C).cast<float>();
+    RowMat<float> hp(T, n), hq(T, n), H(T, n * n), r(T, 1), z(T, 32);
+    hp.setConstant(7.f);
+    CHECK_THROWS_AS((mhc::Coefficients<float, 4, mhc::MhcLiteVariant>::forward(X, pv.params, hp, hq,
+                                                                              H, r, z)),
+                    mhc::invalid_argument);
+    CHECK((hp.array() == 7.f).all());
+  }
+}
 
 TEST_CASE("Coefficients: forward matches the definition, backward matches finite differences",
           "[coefficients]") {

@@ -5,9 +5,9 @@
 //   layer         y  = F(u)                                        (T, C), the caller's layer
 //   update        X' = H_res X + h_post y^T                        (T*n, C)
 // and the exact backward through all of it (spec section 3), calling F's backward for d_u.
-// The mHC variant runs the library's operators (Coefficients, PreMix, Update); HC and mHC-lite
-// share PreMix/Update and differ only in the per-token mapping (variants.hpp), applied after a
-// plain Eigen GEMM projection (the Coefficients operator is specific to the mHC mapping).
+// Every variant with coefficients runs the library's operators: Coefficients<Scalar, N, Variant>
+// (one projection, RMS norm and d_X / d_W backward for all; the variants differ only in the
+// per-token mapping of variants.hpp), PreMix and Update.
 // ResidualVariant (n = 1) is x' = x + F(x), computed as exactly that sum.
 //
 // The layer concept: any object `layer` with, for Scalar S,
@@ -36,9 +36,7 @@
 //              (the paper's recomputation, section 4.3.2), re-running the layer's forward.
 // Transient buffers (u, d_y, d_u, coefficient gradients, operator workspace) live in a
 // BlockWorkspace that contexts may share (a Stack shares one across all its blocks).
-// Nothing allocates in forward/backward once the context exists (for the mHC variant; the
-// HC/mHC-lite projection is an Eigen GEMM, which may allocate its own blocking buffers for large
-// sizes).
+// Nothing allocates in forward/backward once the context exists (every variant).
 #pragma once
 
 #include <Eigen/Core>
@@ -145,7 +143,8 @@ class BlockWorkspace {
   }
 
   /// Allocates the buffers for T tokens of n streams and width C (dynamic or static-only
-  /// coefficients: the latter keep one coefficient row).
+  /// coefficients: the latter keep one coefficient row). The sizes do not depend on
+  /// `iterations` (the Coefficients operator keeps its per-token scratch on the stack).
   void resize(Index tokens, int n, Index C, int iterations = 20, bool dynamic = true) {
     const BlockLayout l = BlockLayout::of<Variant>(n, C, dynamic);
     const Index rows = dynamic ? tokens : 1;
@@ -157,7 +156,7 @@ class BlockWorkspace {
     y.resize(tokens, C);
     d_y.resize(tokens, C);
     d_u.resize(tokens, C);
-    if (Variant::kHasCoefficients) {
+    if constexpr (Variant::kHasCoefficients) {
       r.resize(rows, 1);
       z.resize(rows, l.K);
       h_pre.resize(rows, n);
@@ -167,15 +166,9 @@ class BlockWorkspace {
       d_h_post.resize(tokens, n);
       d_H_res.resize(tokens, Index(n) * n);
       grads.resize(l.size);
-      if (std::is_same<Variant, MhcVariant>::value) {
-        ops.resize(Coefficients<Scalar, N>::workspace_size(tokens, n, C, !dynamic));
-      } else {
-        V.resize(dynamic ? tokens : 0, Index(n) * C);
-        dV.resize(dynamic ? tokens : 0, Index(n) * C);
-        dz.resize(rows, l.K);
-        ops.resize(std::max(1, Variant::scratch_count(n, iterations)) + (dynamic ? 0 : 2 * n + n * n));
-      }
+      ops.resize(Coefficients<Scalar, N, Variant>::workspace_size(tokens, n, C, !dynamic));
     }
+    (void)iterations;
   }
 
   Index tokens() const { return T_; }
@@ -188,16 +181,14 @@ class BlockWorkspace {
     const Index s = Index(sizeof(Scalar)), f = Index(sizeof(Real));
     return s * (u.size() + y.size() + d_y.size() + d_u.size()) +
            f * (r.size() + z.size() + h_pre.size() + h_post.size() + H_res.size() + d_h_pre.size() +
-                d_h_post.size() + d_H_res.size() + grads.size() + ops.size() + V.size() + dV.size() +
-                dz.size());
+                d_h_post.size() + d_H_res.size() + grads.size() + ops.size());
   }
 
   RowMatrix<Scalar> u, y, d_y, d_u;                 // (T, C)
   RowMatrix<Real> r, z, h_pre, h_post, H_res;       // recomputed coefficients (recompute mode)
   RowMatrix<Real> d_h_pre, d_h_post, d_H_res;       // coefficient gradients
   Eigen::Matrix<Real, Eigen::Dynamic, 1> grads;     // one block's parameter gradients, overwritten
-  Eigen::Matrix<Real, Eigen::Dynamic, 1> ops;       // Coefficients workspace / per-token scratch
-  RowMatrix<Real> V, dV, dz;                        // HC / mHC-lite projection: (T, nC), (T, K)
+  Eigen::Matrix<Real, Eigen::Dynamic, 1> ops;       // Coefficients workspace
 
  private:
   Index T_ = 0, C_ = 0;
@@ -405,10 +396,10 @@ class Block {
     const bool cache = ctx.mode_ == MemoryMode::cache;
     if constexpr (Variant::kHasCoefficients) {
       if (cache) {
-        coefficients(ctx.X, ws, ctx.r, ctx.z, ctx.h_pre, ctx.h_post, ctx.H_res);
+        coefficients(ctx.X, ctx.r, ctx.z, ctx.h_pre, ctx.h_post, ctx.H_res);
         run_layer_and_update(ctx.X, layer, ctx.h_pre, ctx.h_post, ctx.H_res, ws, ctx.y, X_out);
       } else {
-        coefficients(ctx.X, ws, ws.r, ws.z, ws.h_pre, ws.h_post, ws.H_res);
+        coefficients(ctx.X, ws.r, ws.z, ws.h_pre, ws.h_post, ws.H_res);
         run_layer_and_update(ctx.X, layer, ws.h_pre, ws.h_post, ws.H_res, ws, ws.y, X_out);
       }
     } else {
@@ -448,7 +439,7 @@ class Block {
       d_X = ws.d_y + ws.d_u;
     } else {
       if (!cache) {
-        coefficients(ctx.X, ws, ws.r, ws.z, ws.h_pre, ws.h_post, ws.H_res);
+        coefficients(ctx.X, ws.r, ws.z, ws.h_pre, ws.h_post, ws.H_res);
         PreMix<Scalar, N>::forward(ctx.X, ws.h_pre, ws.u);
         layer.forward(ws.u, ws.y);
       }
@@ -525,42 +516,15 @@ class Block {
         ConstVectorRef<Real>(p.b_res()), options_.iterations, Real(options_.eps)};
   }
 
-  detail::GateParams<Real> gate_params() const {
-    const BlockParamView<Real> p = params();
-    return {p.alpha_pre(), p.alpha_post(), p.alpha_res(), p.b_pre().data(), p.b_post().data(),
-            p.b_res().data()};
-  }
-
-  /// (r, z, h_pre, h_post, H_res) of every token of X.
-  void coefficients(const RowMatrix<Scalar>& X, Workspace& ws, RowMatrix<Real>& r,
-                    RowMatrix<Real>& z, RowMatrix<Real>& h_pre, RowMatrix<Real>& h_post,
+  /// (r, z, h_pre, h_post, H_res) of every token of X (one coefficient row when static-only).
+  void coefficients(const RowMatrix<Scalar>& X, RowMatrix<Real>& r, RowMatrix<Real>& z,
+                    RowMatrix<Real>& h_pre, RowMatrix<Real>& h_post,
                     RowMatrix<Real>& H_res) const {
-    if constexpr (std::is_same<Variant, MhcVariant>::value) {
-      (void)ws;
-      Coefficients<Scalar, N>::forward(X, coefficient_params(), h_pre, h_post, H_res, r, z);
-    } else if constexpr (Variant::kHasCoefficients) {
-      const detail::GateParams<Real> g = gate_params();
-      if (!options_.dynamic) {  // z = 0: one coefficient row for all tokens
-        z.setZero();
-        Variant::template forward<N>(layout_.n, options_.iterations, z.row(0).data(), g,
-                                     h_pre.row(0).data(), h_post.row(0).data(),
-                                     H_res.row(0).data(), ws.ops.data());
-        return;
-      }
-      // z = (v W) / r with v = vec(X_t) (row t of V), r = sqrt(|v|^2 / (nC) + eps).
-      const int n = layout_.n;
-      const Index T = r.rows(), C = layout_.C;
-      const Real nC = Real(n) * Real(C);
-      load_flat(X, ws.V);
-      for (Index t = 0; t < T; ++t) r(t, 0) = std::sqrt(ws.V.row(t).squaredNorm() / nC + Real(options_.eps));
-      z.noalias() = ws.V * params().W();
-      for (Index t = 0; t < T; ++t) z.row(t) /= r(t, 0);
-      for (Index t = 0; t < T; ++t)
-        Variant::template forward<N>(n, options_.iterations, z.row(t).data(), g, h_pre.row(t).data(),
-                                     h_post.row(t).data(), H_res.row(t).data(), ws.ops.data());
-    } else {  // no coefficients (residual variant): never called
-      (void)X, (void)ws, (void)r, (void)z, (void)h_pre, (void)h_post, (void)H_res;
-    }
+    if constexpr (Variant::kHasCoefficients)
+      Coefficients<Scalar, N, Variant>::forward(X, coefficient_params(), h_pre, h_post, H_res, r,
+                                                z);
+    else  // the residual variant has no coefficients: never called
+      (void)X, (void)r, (void)z, (void)h_pre, (void)h_post, (void)H_res;
   }
 
   /// u = h_pre^T X, y = F(u), X_out = H_res X + h_post y^T.
@@ -577,73 +541,17 @@ class Block {
   void coefficients_backward(const RowMatrix<Scalar>& X, Workspace& ws, const RowMatrix<Real>& r,
                              const RowMatrix<Real>& z, BatchRef<Scalar>& d_X,
                              Eigen::Ref<Vector>& grads) const {
-    if constexpr (std::is_same<Variant, MhcVariant>::value) {
+    if constexpr (Variant::kHasCoefficients) {
       BlockParamView<Real> g{ws.grads.data(), layout_};
       CoefficientGrads<Real> cg{BatchRef<Real>(g.W()), VectorRef<Real>(g.alpha()),
                                 VectorRef<Real>(g.b_pre()), VectorRef<Real>(g.b_post()),
                                 VectorRef<Real>(g.b_res())};
-      Coefficients<Scalar, N>::backward(X, coefficient_params(), r, z, ws.d_h_pre, ws.d_h_post,
-                                        ws.d_H_res, d_X, cg, ws.ops);
+      Coefficients<Scalar, N, Variant>::backward(X, coefficient_params(), r, z, ws.d_h_pre,
+                                                 ws.d_h_post, ws.d_H_res, d_X, cg, ws.ops);
       grads += ws.grads;
-    } else if constexpr (Variant::kHasCoefficients) {
-      const int n = layout_.n;
-      BlockParamView<Real> g{grads.data(), layout_};
-      const detail::GateParams<Real> gp = gate_params();
-      if (!options_.dynamic) {
-        // One coefficient row: sum its per-token gradients (token order), one mapping backward
-        // at z = 0; X gets nothing through the coefficients.
-        Real* sums = ws.ops.data() + std::max(1, Variant::scratch_count(n, options_.iterations));
-        const Index T = ws.d_h_pre.rows();
-        for (int k = 0; k < 2 * n + n * n; ++k) sums[k] = Real(0);
-        for (Index t = 0; t < T; ++t) {
-          for (int i = 0; i < n; ++i) {
-            sums[i] += ws.d_h_pre(t, i);
-            sums[n + i] += ws.d_h_post(t, i);
-          }
-          for (int k = 0; k < n * n; ++k) sums[2 * n + k] += ws.d_H_res(t, k);
-        }
-        Variant::template backward<N>(n, options_.iterations, z.row(0).data(), gp, sums,
-                                      sums + n, sums + 2 * n, ws.dz.row(0).data(),
-                                      g.alpha().data(), g.b_pre().data(), g.b_post().data(),
-                                      g.b_res().data(), ws.ops.data());
-        (void)X, (void)r, (void)d_X;
-        return;
-      }
-      const Index T = r.rows(), C = layout_.C;
-      const Real nC = Real(n) * Real(C);
-      // Per token: dz from the mapping (d_alpha, d_b accumulate into grads), then g = dz / r.
-      for (Index t = 0; t < T; ++t) {
-        Variant::template backward<N>(n, options_.iterations, z.row(t).data(), gp,
-                                      ws.d_h_pre.row(t).data(), ws.d_h_post.row(t).data(),
-                                      ws.d_H_res.row(t).data(), ws.dz.row(t).data(),
-                                      g.alpha().data(), g.b_pre().data(), g.b_post().data(),
-                                      g.b_res().data(), ws.ops.data());
-        ws.dz.row(t) /= r(t, 0);
-      }
-      // dW += V^T g;  dv = W g - v (z . g) / (nC r).
-      load_flat(X, ws.V);
-      g.W().noalias() += ws.V.transpose() * ws.dz;
-      ws.dV.noalias() = ws.dz * params().W().transpose();
-      for (Index t = 0; t < T; ++t) {
-        const Real beta = z.row(t).dot(ws.dz.row(t)) / (nC * r(t, 0));
-        ws.dV.row(t) -= beta * ws.V.row(t);
-      }
-      for (Index t = 0; t < T; ++t)
-        for (int i = 0; i < n; ++i)
-          for (Index c = 0; c < C; ++c)
-            d_X(t * n + i, c) = Scalar(Real(d_X(t * n + i, c)) + ws.dV(t, Index(i) * C + c));
-    } else {  // no coefficients (residual variant): never called
+    } else {  // the residual variant has no coefficients: never called
       (void)X, (void)ws, (void)r, (void)z, (void)d_X, (void)grads;
     }
-  }
-
-  /// V (T, nC) = vec of each token's X rows, in Real.
-  void load_flat(const RowMatrix<Scalar>& X, RowMatrix<Real>& V) const {
-    const int n = layout_.n;
-    const Index C = layout_.C;
-    for (Index t = 0; t < V.rows(); ++t)
-      for (int i = 0; i < n; ++i)
-        V.row(t).segment(Index(i) * C, C) = X.row(t * n + i).template cast<Real>();
   }
 
   BlockLayout layout_;

@@ -1,20 +1,25 @@
-// coefficients.hpp: the per-token mHC coefficients on the CPU, forward and backward (spec sections
-// 2.1-2.5 and 3; paper Eqs. 7-9). Per token, with v = vec(X_t) (v[i*C + c] = X_t[i][c], length nC)
-// and M = n^2 + 2n:
+// coefficients.hpp: the per-token hyper-connection coefficients on the CPU, forward and backward
+// (spec sections 2.1-2.5, 3 and 4; paper Eqs. 7-9). Per token, with v = vec(X_t)
+// (v[i*C + c] = X_t[i][c], length nC) and M = Mapping::coefficient_count(n) (n^2 + 2n for mHC and
+// HC, n! + 2n for mHC-lite):
 //
 //   r = sqrt(sum(v^2) / (nC) + eps)                                  (Eq. 7, RMS norm)
 //   z = (v W) / r                                  (1, M)            (Eq. 7, gain folded into W)
-//   h_pre = sigmoid(alpha_pre z_pre + b_pre)       (n)               (Eq. 8)
-//   h_post = 2 sigmoid(alpha_post z_post + b_post) (n)
-//   H_res = SK(alpha_res z_res + b_res)            (n x n)           (Eq. 9, t_max iterations)
+//   (h_pre, h_post, H_res) = Mapping(z)            (n, n, n x n)     (Eqs. 8-9 for mHC)
 //
-// v W and sum(v^2) come from ONE pass over X (12 tokens at a time, so each row of W read from
-// cache serves 12 tokens); the norm is applied after the product. The gates and Sinkhorn are the
-// shared MHC_HOST_DEVICE kernels of detail/coefficient_kernel.hpp (the CUDA operators use the
-// same ones).
+// Mapping is a variant of variants.hpp with coefficients: MhcVariant (default: sigmoid gates,
+// H_res = SK(alpha_res z_res + b_res), t_max iterations), HcVariant (alpha tanh(z) + b) or
+// MhcLiteVariant (sigmoid gates, H_res = sum_k softmax(alpha_res z_res + b_res)_k P_k). The
+// projection, norm, d_X / d_W backward and static-only mode below are the same for all of them.
+//
+// v W and sum(v^2) come from ONE pass over X (12 tokens at a time for mHC with n = 4, so each row
+// of W read from cache serves 12 tokens); the norm is applied after the product. The per-token
+// mappings are the shared MHC_HOST_DEVICE kernels of detail/coefficient_kernel.hpp and
+// detail/variant_kernel.hpp (the CUDA operators use the same ones).
 //
 // Backward (G_h = dL/dh_pre, dL/dh_post, dL/dH_res per token):
-//   dz = alpha * da  (gate + exact t_max-step Sinkhorn backward, recomputing its iterates from z)
+//   dz = alpha * da  (the mapping's backward; for mHC the gates and the exact t_max-step Sinkhorn
+//                     backward, recomputing its iterates from z)
 //   g = dz / r;   dW = sum_t v_t^T g_t;   dv_t = W g_t - v_t (z_t . g_t) / (nC r_t)   (d_X +=)
 //   d_alpha = sum_t sum(da_t * z_t) per group;   d_b = sum_t da_t.
 //
@@ -36,18 +41,19 @@
 
 #include "mhc/detail/coefficient_kernel.hpp"
 #include "mhc/detail/operator_support.hpp"
+#include "mhc/variants.hpp"
 
 namespace mhc {
 
 /// Parameters of one block's coefficient mappings (views, caller-owned), in the compute type.
 template <typename Real>
 struct CoefficientParams {
-  ConstBatchRef<Real> W;            ///< (n*C, n^2 + 2n), row i*C + c; zero rows: static-only mode
+  ConstBatchRef<Real> W;            ///< (n*C, M), row i*C + c; zero rows: static-only mode
   Eigen::Matrix<Real, 3, 1> alpha;  ///< (alpha_pre, alpha_post, alpha_res)
   ConstVectorRef<Real> b_pre;       ///< (n)
   ConstVectorRef<Real> b_post;      ///< (n)
-  ConstVectorRef<Real> b_res;       ///< (n*n), row-major n x n
-  int iterations = 20;              ///< Sinkhorn t_max, in [1, kMaxSinkhornIterations]
+  ConstVectorRef<Real> b_res;       ///< (R): n*n row-major for mHC and HC, n! for mHC-lite
+  int iterations = 20;              ///< Sinkhorn t_max (mHC), in [1, kMaxSinkhornIterations]
   Real eps = Real(1e-6);            ///< eps_rms inside r, > 0
 };
 
@@ -58,7 +64,7 @@ struct CoefficientGrads {
   VectorRef<Real> d_alpha;   ///< (3)
   VectorRef<Real> d_b_pre;   ///< (n)
   VectorRef<Real> d_b_post;  ///< (n)
-  VectorRef<Real> d_b_res;   ///< (n*n)
+  VectorRef<Real> d_b_res;   ///< (R)
 };
 
 namespace detail {
@@ -89,10 +95,10 @@ struct SplitAccumulator {
   }
 };
 
-/// Run-time M (N = Dynamic): one array of at most coefficient_count(kMaxStreams) values.
-template <typename Real>
+/// Run-time M (N = Dynamic): one array of at most MaxM values.
+template <typename Real, int MaxM>
 struct DynamicAccumulator {
-  Eigen::Array<Real, Eigen::Dynamic, 1, Eigen::ColMajor, coefficient_count(kMaxStreams), 1> a;
+  Eigen::Array<Real, Eigen::Dynamic, 1, Eigen::ColMajor, MaxM, 1> a;
   int m = 0;
   void init(int M) {
     m = M;
@@ -106,12 +112,14 @@ struct DynamicAccumulator {
   }
 };
 
-template <typename Scalar, int N>
+template <typename Scalar, int N, typename Mapping>
 struct CoefficientKernels {
   using Real = compute_t<Scalar>;
-  static constexpr int kM = N == Dynamic ? Eigen::Dynamic : coefficient_count(N);
-  static constexpr int kMaxN = N == Dynamic ? kMaxStreams : N;
-  static constexpr int kMaxM = coefficient_count(kMaxN);
+  static constexpr int kMaxN = N == Dynamic ? Mapping::kMaxN : N;
+  static constexpr int kMaxM = Mapping::coefficient_count(kMaxN);  // projection width M
+  static constexpr int kMaxH = kMaxN * kMaxN + 2 * kMaxN;           // coefficients per token
+  static constexpr int kScratch =  // per-token scratch of the mapping, forward and backward
+      std::max(1, Mapping::scratch_count(kMaxN, kMaxSinkhornIterations));
   static constexpr int kPacket = Eigen::internal::packet_traits<Real>::size;
   // Register budget: about 24 packet accumulators per tile (of 32 vector registers with AVX-512).
   static constexpr int kAccPackets = (kMaxM + kPacket - 1) / kPacket;  // per token, forward
@@ -120,8 +128,9 @@ struct CoefficientKernels {
   static constexpr int kGradColumnBlock = 32;  // columns per block of the d_X pass
   static constexpr int kGradTileTokens =       // tokens per tile of the d_X pass (12 for float)
       std::max(1, std::min(12, 24 / std::max(1, kGradColumnBlock / kPacket)));
-  using Accumulator = std::conditional_t<N == Dynamic, DynamicAccumulator<Real>,
-                                         SplitAccumulator<Real, coefficient_count(N > 0 ? N : 1)>>;
+  using Accumulator =
+      std::conditional_t<N == Dynamic, DynamicAccumulator<Real, kMaxM>,
+                         SplitAccumulator<Real, Mapping::coefficient_count(N > 0 ? N : 1)>>;
 
   static GateParams<Real> gates(const CoefficientParams<Real>& p) {
     return {p.alpha[0], p.alpha[1], p.alpha[2], p.b_pre.data(), p.b_post.data(), p.b_res.data()};
@@ -135,7 +144,7 @@ struct CoefficientKernels {
                            BatchRef<Real>& H_res, BatchRef<Real>& r, BatchRef<Real>& z) {
     const int n = N == Dynamic ? n_rt : N;
     const Index C = X.cols();
-    const int M = coefficient_count(n);
+    const int M = Mapping::coefficient_count(n);
     const Index ldw = p.W.outerStride();
     Accumulator acc[TB];
     Real ss[TB];
@@ -167,7 +176,7 @@ struct CoefficientKernels {
       });
     }
     const Real nC = Real(n) * Real(C);
-    Real A_scratch[kMaxN * kMaxN];
+    Real scratch[kScratch];
     for (int t = 0; t < TB; ++t) {
       const Index tok = t0 + t;
       const Real mean_square = C > 0 ? ss[t] / nC : Real(0);
@@ -175,9 +184,9 @@ struct CoefficientKernels {
       r(tok, 0) = rt;
       Real* zt = detail::at(z, tok, 0);
       acc[t].store_scaled(zt, Real(1) / rt);
-      mhc_coefficients_forward<N>(n, p.iterations, static_cast<const Real*>(zt), gates(p),
-                                  detail::at(h_pre, tok, 0), detail::at(h_post, tok, 0),
-                                  detail::at(H_res, tok, 0), A_scratch);
+      Mapping::template forward<N>(n, p.iterations, static_cast<const Real*>(zt), gates(p),
+                                   detail::at(h_pre, tok, 0), detail::at(h_post, tok, 0),
+                                   detail::at(H_res, tok, 0), scratch);
     }
   }
 
@@ -205,7 +214,7 @@ struct CoefficientKernels {
     const int n = N == Dynamic ? n_rt : N;
     const Index C = X.cols();
     const Index nC = Index(n) * C;
-    const int M = coefficient_count(n);
+    const int M = Mapping::coefficient_count(n);
     constexpr int kVec = kGradColumnBlock / kPacket;
     for (int i = 0; i < n; ++i) {
       for_each_column_block<kGradColumnBlock>(C, [&](Index c0, auto width_tag, Index w) {
@@ -266,8 +275,8 @@ struct CoefficientKernels {
     using namespace Eigen::internal;
     const int n = N == Dynamic ? n_rt : N;
     const Index T = X.rows() / n;
-    const int M = coefficient_count(n);
-    constexpr int kAccs = N == Dynamic ? kMaxM : coefficient_count(N > 0 ? N : 1);
+    const int M = Mapping::coefficient_count(n);
+    constexpr int kAccs = N == Dynamic ? kMaxM : Mapping::coefficient_count(N > 0 ? N : 1);
     Packet acc[kAccs];
     for (int m = 0; m < M; ++m) acc[m] = pset1<Packet>(Real(0));
     alignas(64) Real buf[kPacket] = {};
@@ -303,21 +312,28 @@ struct CoefficientKernels {
 
 }  // namespace detail
 
-/// The coefficient pipeline X -> (h_pre, h_post, H_res) of one mHC block, forward and backward.
-/// Scalar: storage type of X (float, double, bf16); everything else is in Real = compute_t<Scalar>.
-/// N: compile-time number of streams (mhc::Dynamic: taken from b_pre.size()).
-template <typename Scalar, int N = 4>
+/// The coefficient pipeline X -> (h_pre, h_post, H_res) of one hyper-connection block, forward
+/// and backward. Scalar: storage type of X (float, double, bf16); everything else is in
+/// Real = compute_t<Scalar>. N: compile-time number of streams (mhc::Dynamic: taken from
+/// b_pre.size()). Mapping: MhcVariant (default), HcVariant or MhcLiteVariant (variants.hpp).
+template <typename Scalar, int N = 4, typename Mapping = MhcVariant>
 struct Coefficients {
   static_assert(detail::is_storage_scalar_v<Scalar>,
                 "mhc::Coefficients: Scalar must be float, double or bf16");
-  static_assert(N == Dynamic || (N >= 1 && N <= kMaxStreams), "mhc::Coefficients: N out of range");
+  static_assert(Mapping::kHasCoefficients,
+                "mhc::Coefficients: the mapping must have coefficients (mHC, HC or mHC-lite)");
+  static_assert(N == Dynamic || (N >= 1 && N <= Mapping::kMaxN),
+                "mhc::Coefficients: N out of range for the mapping");
   using Real = compute_t<Scalar>;
   using Params = CoefficientParams<Real>;
   using Grads = CoefficientGrads<Real>;
+  using MappingType = Mapping;
   static constexpr int kStreams = N;
 
-  /// Number of projection outputs per token, n^2 + 2n.
-  static constexpr Index projection_size(int n) { return detail::coefficient_count(n); }
+  /// Number of projection outputs per token, M (n^2 + 2n for mHC and HC, n! + 2n for mHC-lite).
+  static constexpr Index projection_size(int n) { return Mapping::coefficient_count(n); }
+  /// Number of residual logits per token, R = size of b_res (n^2, or n! for mHC-lite).
+  static constexpr Index res_size(int n) { return Mapping::res_count(n); }
 
   /// Real values the backward needs in `workspace` for T tokens of n x C (0 when static_only).
   static Index workspace_size(Index T, int n, Index C, bool static_only = false) {
@@ -327,7 +343,7 @@ struct Coefficients {
   }
 
   /// Forward. X (T*n, C) Scalar. Outputs, Real: h_pre (T, n), h_post (T, n), H_res (T, n*n), and
-  /// the cache r (T, 1), z (T, n^2+2n). Static-only mode (p.W has zero rows): h_pre, h_post,
+  /// the cache r (T, 1), z (T, M). Static-only mode (p.W has zero rows): h_pre, h_post,
   /// H_res have ONE row; X, r and z are ignored.
   static void forward(const ConstBatchRef<Scalar>& X, const Params& p, BatchRef<Real> h_pre,
                       BatchRef<Real> h_post, BatchRef<Real> H_res, BatchRef<Real> r,
@@ -336,7 +352,7 @@ struct Coefficients {
     const int n_rt = check_params(where, p);
     const int n = N == Dynamic ? n_rt : N;
     const Index M = projection_size(n);
-    using K = detail::CoefficientKernels<Scalar, N>;
+    using K = detail::CoefficientKernels<Scalar, N, Mapping>;
     if (is_static(p)) {
       detail::check_batch(where, "h_pre", h_pre, 1, n);
       detail::check_batch(where, "h_post", h_post, 1, n);
@@ -344,9 +360,9 @@ struct Coefficients {
       check_outputs_disjoint(where, p, h_pre, h_post, H_res);
       const Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1> zero =
           Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1>::Zero(M);
-      Real A_scratch[K::kMaxN * K::kMaxN];
-      detail::mhc_coefficients_forward<N>(n, p.iterations, zero.data(), K::gates(p), h_pre.data(),
-                                          h_post.data(), H_res.data(), A_scratch);
+      Real scratch[K::kScratch];
+      Mapping::template forward<N>(n, p.iterations, zero.data(), K::gates(p), h_pre.data(),
+                                   h_post.data(), H_res.data(), scratch);
       return;
     }
     const Index T = check_x(where, X, n, p);
@@ -387,7 +403,7 @@ struct Coefficients {
     const int n_rt = check_params(where, p);
     const int n = N == Dynamic ? n_rt : N;
     const Index M = projection_size(n);
-    using K = detail::CoefficientKernels<Scalar, N>;
+    using K = detail::CoefficientKernels<Scalar, N, Mapping>;
     const Index T = d_h_pre.rows();
     detail::check_batch(where, "d_h_pre", d_h_pre, T, n);
     detail::check_batch(where, "d_h_post", d_h_post, T, n);
@@ -396,7 +412,7 @@ struct Coefficients {
     detail::check_vector(where, "grads.d_alpha", grads.d_alpha, 3);
     detail::check_vector(where, "grads.d_b_pre", grads.d_b_pre, n);
     detail::check_vector(where, "grads.d_b_post", grads.d_b_post, n);
-    detail::check_vector(where, "grads.d_b_res", grads.d_b_res, Index(n) * n);
+    detail::check_vector(where, "grads.d_b_res", grads.d_b_res, res_size(n));
     const bool static_only = is_static(p);
     Index C = 0;
     if (!static_only) {
@@ -450,13 +466,14 @@ struct Coefficients {
       }
     }
     const auto gp = K::gates(p);
-    Real A_scratch[detail::coefficient_backward_scratch(K::kMaxN, kMaxSinkhornIterations)];
+    Real scratch[K::kScratch];
     Real dz[K::kMaxM];
     if (static_only) {
       // The coefficients do not depend on the token: sum the gradients over tokens (token order),
       // then one gate/Sinkhorn backward at z = 0.
-      Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1> dh =
-          Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1>::Zero(M);
+      // dh = (d_h_pre (n) | d_h_post (n) | d_H_res (n*n)) summed over tokens.
+      Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxH, 1> dh =
+          Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxH, 1>::Zero(Index(n) * n + 2 * n);
       for (Index t = 0; t < T; ++t) {
         for (int i = 0; i < n; ++i) {
           dh[i] += d_h_pre(t, i);
@@ -470,13 +487,14 @@ struct Coefficients {
       grads.d_b_pre.setZero();
       grads.d_b_post.setZero();
       grads.d_b_res.setZero();
-      detail::mhc_coefficients_backward<N>(n, p.iterations, zero.data(), gp, dh.data(),
-                                           dh.data() + n, dh.data() + 2 * n, dz,
-                                           grads.d_alpha.data(), grads.d_b_pre.data(),
-                                           grads.d_b_post.data(), grads.d_b_res.data(), A_scratch);
+      Mapping::template backward<N>(n, p.iterations, zero.data(), gp, dh.data(), dh.data() + n,
+                                    dh.data() + 2 * n, dz, grads.d_alpha.data(),
+                                    grads.d_b_pre.data(), grads.d_b_post.data(),
+                                    grads.d_b_res.data(), scratch);
       return;
     }
-    // Workspace layout: per token [g (M) | da (M) | dalpha (3)], then W^T (M, nC).
+    // Workspace layout: per token [g (M) | da (M) = (pre n | post n | res R) | dalpha (3)],
+    // then W^T (M, nC).
     const Index ldg = 2 * M + 3;
     Real* g = workspace.data();
     Real* Wt = g + T * ldg;
@@ -487,12 +505,12 @@ struct Coefficients {
       Real* da = gt + M;
       Real* dalpha = da + M;
       for (Index k = 0; k < M + 3; ++k) da[k] = Real(0);
-      Real scratch[detail::coefficient_backward_scratch(K::kMaxN, kMaxSinkhornIterations)];
+      Real scratch_t[K::kScratch];
       Real dzt[K::kMaxM];
-      detail::mhc_coefficients_backward<N>(n, p.iterations, detail::at(z, t, 0), gp,
-                                           detail::at(d_h_pre, t, 0), detail::at(d_h_post, t, 0),
-                                           detail::at(d_H_res, t, 0), dzt, dalpha, da, da + n,
-                                           da + 2 * n, scratch);
+      Mapping::template backward<N>(n, p.iterations, detail::at(z, t, 0), gp,
+                                    detail::at(d_h_pre, t, 0), detail::at(d_h_post, t, 0),
+                                    detail::at(d_H_res, t, 0), dzt, dalpha, da, da + n, da + 2 * n,
+                                    scratch_t);
       const Real inv_r = Real(1) / r(t, 0);
       for (Index m = 0; m < M; ++m) gt[m] = dzt[m] * inv_r;
     });
@@ -508,7 +526,7 @@ struct Coefficients {
         grads.d_b_pre[i] += da[i];
         grads.d_b_post[i] += da[n + i];
       }
-      for (Index k = 0; k < Index(n) * n; ++k) grads.d_b_res[k] += da[2 * n + k];
+      for (Index k = 0; k < res_size(n); ++k) grads.d_b_res[k] += da[2 * n + k];
     }
     // W^T (M, nC) so that the d_X pass streams rows of it.
     detail::for_each_parallel(M, nC, [&](Index m) {
@@ -555,9 +573,12 @@ struct Coefficients {
   static int check_params(const char* where, const Params& p) {
     const int n = static_cast<int>(p.b_pre.size());
     detail::check_static_streams<N>(where, n);
+    if (n > Mapping::kMaxN)
+      detail::throw_invalid(where, "n = ", n, " exceeds ", Mapping::kMaxN, " for the ",
+                            Mapping::name, " mapping");
     detail::check_vector(where, "b_pre", p.b_pre, n);
     detail::check_vector(where, "b_post", p.b_post, n);
-    detail::check_vector(where, "b_res", p.b_res, Index(n) * n);
+    detail::check_vector(where, "b_res", p.b_res, res_size(n));
     if (p.iterations < 1 || p.iterations > kMaxSinkhornIterations)
       detail::throw_invalid(where, "iterations = ", p.iterations, " is out of range [1, ",
                             kMaxSinkhornIterations, "]");
@@ -570,7 +591,8 @@ struct Coefficients {
     if (p.W.rows() != 0) {
       if (p.W.cols() != projection_size(n))
         detail::throw_invalid(where, "W has ", p.W.cols(),
-                              " columns, expected n^2 + 2n = ", projection_size(n));
+                              " columns, expected M = ", projection_size(n), " for the ",
+                              Mapping::name, " mapping");
       detail::check_batch(where, "W", p.W, p.W.rows(), p.W.cols());
     }
     return n;
