@@ -102,36 +102,8 @@ void gradient_case(const Shape& s, bool is_static, bool near_identity) {
         flat(X), flat(dX), rng, 1e-6, fd_coords(60));
     CAPTURE(gX.worst, gX.analytic, gX.numeric);
     CHECK(gX.max_error < 1e-6);
-    const auto gW = check_gradient(
-        [&](const Eigen::VectorXd& v) {
-          CoefParamsD q = p;
-          q.W = unflat(v, p.W.rows(), M);
-          return loss_of(X, q);
-        },
-        flat(p.W), flat(dW), rng, 1e-6, fd_coords(60));
-    CAPTURE(gW.worst, gW.analytic, gW.numeric);
-    CHECK(gW.max_error < 1e-6);
   }
-  const auto check_vec = [&](const char* what, const Eigen::VectorXd& x0, const Eigen::VectorXd& g,
-                             auto set) {
-    const auto r = check_gradient(
-        [&](const Eigen::VectorXd& v) {
-          CoefParamsD q = p;
-          set(q, v);
-          return loss_of(X, q);
-        },
-        x0, g, rng);
-    CAPTURE(what, r.worst, r.analytic, r.numeric);
-    CHECK(r.max_error < 1e-6);
-  };
-  check_vec("alpha", p.alpha, d_alpha,
-            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.alpha = v; });
-  check_vec("b_pre", p.b_pre, db_pre,
-            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_pre = v; });
-  check_vec("b_post", p.b_post, db_post,
-            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_post = v; });
-  check_vec("b_res", p.b_res, db_res,
-            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_res = v; });
+  check_parameter_gradients(loss_of, X, p, {dW, d_alpha, db_pre, db_post, db_res}, is_static, rng);
   if (is_static) CHECK(d_alpha.isZero(0));  // z = 0: alpha has no effect
 }
 
@@ -261,36 +233,8 @@ void mapping_gradient_case(Mapping m, int n, Index C, Index T, bool is_static) {
         flat(X), flat(dX), rng, 1e-6, fd_coords(60));
     CAPTURE(gX.worst, gX.analytic, gX.numeric);
     CHECK(gX.max_error < 1e-6);
-    const auto gW = check_gradient(
-        [&](const Eigen::VectorXd& v) {
-          CoefParamsD q = p;
-          q.W = unflat(v, p.W.rows(), M);
-          return loss_of(X, q);
-        },
-        flat(p.W), flat(dW), rng, 1e-6, fd_coords(60));
-    CAPTURE(gW.worst, gW.analytic, gW.numeric);
-    CHECK(gW.max_error < 1e-6);
   }
-  const auto check_vec = [&](const char* what, const Eigen::VectorXd& x0, const Eigen::VectorXd& g,
-                             auto set) {
-    const auto res = check_gradient(
-        [&](const Eigen::VectorXd& v) {
-          CoefParamsD q = p;
-          set(q, v);
-          return loss_of(X, q);
-        },
-        x0, g, rng);
-    CAPTURE(what, res.worst, res.analytic, res.numeric);
-    CHECK(res.max_error < 1e-6);
-  };
-  check_vec("alpha", p.alpha, d_alpha,
-            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.alpha = v; });
-  check_vec("b_pre", p.b_pre, db_pre,
-            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_pre = v; });
-  check_vec("b_post", p.b_post, db_post,
-            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_post = v; });
-  check_vec("b_res", p.b_res, db_res,
-            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_res = v; });
+  check_parameter_gradients(loss_of, X, p, {dW, d_alpha, db_pre, db_post, db_res}, is_static, rng);
 }
 
 template <typename Variant, int N>

@@ -144,6 +144,48 @@ struct CoefParamsD {
   double eps = 1e-6;
 };
 
+/// Analytic parameter gradients of one coefficient test case, in double.
+struct CoefGradsD {
+  RowMat<double> W;
+  Eigen::VectorXd alpha, b_pre, b_post, b_res;
+};
+
+/// Checks every parameter gradient of loss(X, params) against central finite differences:
+/// d_W (unless `static_mode`: then W has no rows), d_alpha, d_b_pre, d_b_post, d_b_res.
+template <typename Loss>
+void check_parameter_gradients(const Loss& loss, const RowMat<double>& X, const CoefParamsD& p,
+                               const CoefGradsD& g, bool static_mode, Rng& rng) {
+  if (!static_mode) {
+    const auto gW = check_gradient(
+        [&](const Eigen::VectorXd& v) {
+          CoefParamsD q = p;
+          q.W = unflat(v, p.W.rows(), p.W.cols());
+          return loss(X, q);
+        },
+        flat(p.W), flat(g.W), rng, 1e-6, fd_coords(60));
+    CAPTURE(gW.worst, gW.analytic, gW.numeric);
+    CHECK(gW.max_error < 1e-6);
+  }
+  const auto check_vec = [&](const char* what, const Eigen::VectorXd& x0, const Eigen::VectorXd& d,
+                             auto set) {
+    const auto res = check_gradient(
+        [&](const Eigen::VectorXd& v) {
+          CoefParamsD q = p;
+          set(q, v);
+          return loss(X, q);
+        },
+        x0, d, rng);
+    CAPTURE(what, res.worst, res.analytic, res.numeric);
+    CHECK(res.max_error < 1e-6);
+  };
+  check_vec("alpha", p.alpha, g.alpha, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.alpha = v; });
+  check_vec("b_pre", p.b_pre, g.b_pre, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_pre = v; });
+  check_vec("b_post", p.b_post, g.b_post,
+            [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_post = v; });
+  check_vec("b_res", p.b_res, g.b_res, [](CoefParamsD& q, const Eigen::VectorXd& v) { q.b_res = v; });
+}
+
+
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 /// h_pre (T, n), h_post (T, n), H_res (T, n*n) from the definition (one row in static mode).
