@@ -31,21 +31,49 @@ MHC_HOST_DEVICE constexpr int coefficient_backward_scratch(int n, int iterations
   return 2 * n * n + sinkhorn_sums_size(n, iterations);
 }
 
+/// The two sigmoid gates of one token (Eq. 8): h_pre = sigmoid(alpha_pre z_pre + b_pre),
+/// h_post = 2 sigmoid(alpha_post z_post + b_post), z_pre = z[0, n), z_post = z[n, 2n).
+template <int N, typename V, typename S>
+MHC_HOST_DEVICE void sigmoid_gates_forward(int n_rt, const V* z, const GateParams<S>& p, V* h_pre,
+                                           V* h_post) {
+  const int n = N > 0 ? N : n_rt;
+  for (int i = 0; i < n; ++i) {
+    const V a_pre = z[i] * p.alpha_pre + p.b_pre[i];
+    const V a_post = z[n + i] * p.alpha_post + p.b_post[i];
+    h_pre[i] = lane_sigmoid(a_pre);
+    h_post[i] = lane_sigmoid(a_post) * S(2);
+  }
+}
+
+/// Backward of sigmoid_gates_forward: writes dz[0, 2n); accumulates d_alpha[0..1], d_b_pre,
+/// d_b_post with +=. da_pre = dh_pre s(1-s), da_post = 2 dh_post s(1-s), dz = alpha da.
+template <int N, typename V, typename S>
+MHC_HOST_DEVICE void sigmoid_gates_backward(int n_rt, const V* z, const GateParams<S>& p,
+                                            const V* dh_pre, const V* dh_post, V* dz, V* d_alpha,
+                                            V* d_b_pre, V* d_b_post) {
+  const int n = N > 0 ? N : n_rt;
+  for (int i = 0; i < n; ++i) {
+    const V s_pre = lane_sigmoid(V(z[i] * p.alpha_pre + p.b_pre[i]));
+    const V s_post = lane_sigmoid(V(z[n + i] * p.alpha_post + p.b_post[i]));
+    const V da_pre = dh_pre[i] * s_pre * (S(1) - s_pre);
+    const V da_post = dh_post[i] * s_post * (S(1) - s_post) * S(2);
+    dz[i] = da_pre * p.alpha_pre;
+    dz[n + i] = da_post * p.alpha_post;
+    d_alpha[0] = d_alpha[0] + da_pre * z[i];
+    d_alpha[1] = d_alpha[1] + da_post * z[n + i];
+    d_b_pre[i] = d_b_pre[i] + da_pre;
+    d_b_post[i] = d_b_post[i] + da_post;
+  }
+}
+
 /// z -> h_pre (n), h_post (n), H_res (n x n). `A_scratch` holds n^2 lane values.
 template <int N, typename V, typename S>
 MHC_HOST_DEVICE void mhc_coefficients_forward(int n_rt, int iterations, const V* z,
                                               const GateParams<S>& p, V* h_pre, V* h_post,
                                               V* H_res, V* A_scratch) {
   const int n = N > 0 ? N : n_rt;
-  const V* z_pre = z;
-  const V* z_post = z + n;
   const V* z_res = z + 2 * n;
-  for (int i = 0; i < n; ++i) {
-    const V a_pre = z_pre[i] * p.alpha_pre + p.b_pre[i];
-    const V a_post = z_post[i] * p.alpha_post + p.b_post[i];
-    h_pre[i] = lane_sigmoid(a_pre);
-    h_post[i] = lane_sigmoid(a_post) * S(2);
-  }
+  sigmoid_gates_forward<N>(n, z, p, h_pre, h_post);
   for (int k = 0; k < n * n; ++k) A_scratch[k] = z_res[k] * p.alpha_res + p.b_res[k];
   sinkhorn_forward_kernel<N>(n, iterations, A_scratch, H_res, static_cast<V*>(nullptr));
 }
@@ -60,21 +88,8 @@ MHC_HOST_DEVICE void mhc_coefficients_backward(int n_rt, int iterations, const V
                                                V* d_alpha, V* d_b_pre, V* d_b_post, V* d_b_res,
                                                V* scratch) {
   const int n = N > 0 ? N : n_rt;
-  const V* z_pre = z;
-  const V* z_post = z + n;
   const V* z_res = z + 2 * n;
-  for (int i = 0; i < n; ++i) {
-    const V s_pre = lane_sigmoid(V(z_pre[i] * p.alpha_pre + p.b_pre[i]));
-    const V s_post = lane_sigmoid(V(z_post[i] * p.alpha_post + p.b_post[i]));
-    const V da_pre = dh_pre[i] * s_pre * (S(1) - s_pre);
-    const V da_post = dh_post[i] * s_post * (S(1) - s_post) * S(2);
-    dz[i] = da_pre * p.alpha_pre;
-    dz[n + i] = da_post * p.alpha_post;
-    d_alpha[0] = d_alpha[0] + da_pre * z_pre[i];
-    d_alpha[1] = d_alpha[1] + da_post * z_post[i];
-    d_b_pre[i] = d_b_pre[i] + da_pre;
-    d_b_post[i] = d_b_post[i] + da_post;
-  }
+  sigmoid_gates_backward<N>(n, z, p, dh_pre, dh_post, dz, d_alpha, d_b_pre, d_b_post);
   V* A = scratch;
   V* M = scratch + n * n;
   V* sums = scratch + 2 * n * n;

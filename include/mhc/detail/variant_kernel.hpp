@@ -90,6 +90,23 @@ MHC_HOST_DEVICE void hc_coefficients_backward(int n_rt, const V* z, const GatePa
 /// Projection width of mHC-lite: n! + 2n.
 MHC_HOST_DEVICE constexpr int lite_coefficient_count(int n) { return factorial(n) + 2 * n; }
 
+/// w = softmax(alpha_res z_res + b_res) over the K = n! permutation logits (max-shifted).
+template <typename V, typename S>
+MHC_HOST_DEVICE void lite_softmax_weights(int K, const V* z_res, const GateParams<S>& p, V* w) {
+  V m = z_res[0] * p.alpha_res + p.b_res[0];
+  for (int k = 0; k < K; ++k) {
+    w[k] = z_res[k] * p.alpha_res + p.b_res[k];
+    m = lane_max(m, w[k]);
+  }
+  V total = w[0] * S(0);
+  for (int k = 0; k < K; ++k) {
+    w[k] = lane_exp(V(w[k] - m));
+    total = total + w[k];
+  }
+  const V inv = lane_recip(total);
+  for (int k = 0; k < K; ++k) w[k] = w[k] * inv;
+}
+
 /// mHC-lite coefficients for one token: z (n! + 2n) -> h_pre (n), h_post (n), H_res (n x n).
 /// `w_scratch` holds n! lane values (the softmax weights on exit).
 template <int N, typename V, typename S>
@@ -97,26 +114,11 @@ MHC_HOST_DEVICE void lite_coefficients_forward(int n_rt, const V* z, const GateP
                                                V* h_pre, V* h_post, V* H_res, V* w_scratch) {
   const int n = N > 0 ? N : n_rt;
   const int K = factorial(n);
-  for (int i = 0; i < n; ++i) {
-    h_pre[i] = lane_sigmoid(V(z[i] * p.alpha_pre + p.b_pre[i]));
-    h_post[i] = lane_sigmoid(V(z[n + i] * p.alpha_post + p.b_post[i])) * S(2);
-  }
-  const V* z_res = z + 2 * n;
-  V m = z_res[0] * p.alpha_res + p.b_res[0];
-  for (int k = 0; k < K; ++k) {
-    w_scratch[k] = z_res[k] * p.alpha_res + p.b_res[k];
-    m = lane_max(m, w_scratch[k]);
-  }
-  V total = w_scratch[0] * S(0);
-  for (int k = 0; k < K; ++k) {
-    w_scratch[k] = lane_exp(V(w_scratch[k] - m));
-    total = total + w_scratch[k];
-  }
-  const V inv = lane_recip(total);
+  sigmoid_gates_forward<N>(n, z, p, h_pre, h_post);
+  lite_softmax_weights(K, z + 2 * n, p, w_scratch);
   for (int k = 0; k < n * n; ++k) H_res[k] = w_scratch[0] * S(0);
   int perm[kMaxLiteStreams];
   for (int k = 0; k < K; ++k) {
-    w_scratch[k] = w_scratch[k] * inv;
     permutation(n, k, perm);
     for (int i = 0; i < n; ++i) H_res[i * n + perm[i]] = H_res[i * n + perm[i]] + w_scratch[k];
   }
@@ -131,37 +133,15 @@ MHC_HOST_DEVICE void lite_coefficients_backward(int n_rt, const V* z, const Gate
                                                 V* d_b_res, V* w_scratch) {
   const int n = N > 0 ? N : n_rt;
   const int K = factorial(n);
-  for (int i = 0; i < n; ++i) {
-    const V s_pre = lane_sigmoid(V(z[i] * p.alpha_pre + p.b_pre[i]));
-    const V s_post = lane_sigmoid(V(z[n + i] * p.alpha_post + p.b_post[i]));
-    const V da_pre = dh_pre[i] * s_pre * (S(1) - s_pre);
-    const V da_post = dh_post[i] * s_post * (S(1) - s_post) * S(2);
-    dz[i] = da_pre * p.alpha_pre;
-    dz[n + i] = da_post * p.alpha_post;
-    d_alpha[0] = d_alpha[0] + da_pre * z[i];
-    d_alpha[1] = d_alpha[1] + da_post * z[n + i];
-    d_b_pre[i] = d_b_pre[i] + da_pre;
-    d_b_post[i] = d_b_post[i] + da_post;
-  }
+  sigmoid_gates_backward<N>(n, z, p, dh_pre, dh_post, dz, d_alpha, d_b_pre, d_b_post);
   // Recompute w = softmax(a) (n! values; cheaper than storing them per token).
   const V* z_res = z + 2 * n;
-  V m = z_res[0] * p.alpha_res + p.b_res[0];
-  for (int k = 0; k < K; ++k) {
-    w_scratch[k] = z_res[k] * p.alpha_res + p.b_res[k];
-    m = lane_max(m, w_scratch[k]);
-  }
-  V total = w_scratch[0] * S(0);
-  for (int k = 0; k < K; ++k) {
-    w_scratch[k] = lane_exp(V(w_scratch[k] - m));
-    total = total + w_scratch[k];
-  }
-  const V inv = lane_recip(total);
+  lite_softmax_weights(K, z_res, p, w_scratch);
   // dw_k into dz's res part, and sum_k w_k dw_k.
   V* dw = dz + 2 * n;
-  V wdw = total * S(0);
+  V wdw = w_scratch[0] * S(0);
   int perm[kMaxLiteStreams];
   for (int k = 0; k < K; ++k) {
-    w_scratch[k] = w_scratch[k] * inv;
     permutation(n, k, perm);
     V g = dH_res[perm[0]];
     for (int i = 1; i < n; ++i) g = g + dH_res[i * n + perm[i]];
