@@ -100,6 +100,9 @@ __global__ void __launch_bounds__(256)
 
 inline constexpr int kMmaTokens = 64;  // tokens per block: 4 m-tiles of 16, shared by 4 warps
 inline constexpr int kMmaNT = 3;       // n-tiles of 8 columns: n^2 + 2n = 24 for n = 4
+/// Blocks of project_mma_kernel resident at once on an H100/H200 (3 per multiprocessor at its
+/// 168 registers per thread); used only to size the grid, never for correctness.
+inline constexpr int kMmaResident = 3 * 132;
 
 /// W (n C, nc) fp32 -> two bf16 copies (hi = bf16(W), lo = bf16(W - hi)) in mma fragment order:
 /// for k-chunk kc = i * (C / 32) + c / 32, n-tile nt and lane (g = lane / 4, q = lane % 4), one
@@ -323,13 +326,46 @@ __global__ void __launch_bounds__(32)
 /// interleaves across threads); more iterations use per-token scratch in the workspace.
 inline constexpr int kLocalIterations = 32;
 
+/// Records of 16-token groups that the token kernel writes for input_grad_mma_kernel (n = 4):
+/// q = dz / r split into bf16 hi + lo, both token-major [t][m] (mma A operand) and m-major
+/// [m][t] (B operand, rows padded to 24 so fragment loads are free of bank conflicts), then
+/// fp32 beta [t], h_pre [t][i] and H_res^T [t][i][j] = H_res[t][j][i]. Tokens past T are zero.
+inline constexpr int kRecGroup = 16;
+inline constexpr int kRecQaHi = 0, kRecQaLo = 768, kRecQbHi = 1536, kRecQbLo = 2688;
+inline constexpr int kRecBeta = 3840, kRecHpre = 3904, kRecHt = 4160, kRecBytes = 5184;
+
+/// Writes token t's part of its group record (q and beta of the coefficient backward, h_pre and
+/// H_res of the forward); all zero for a padding token (valid = false).
+__device__ __forceinline__ void write_mma_record(unsigned char* rec, Index t, bool valid,
+                                                 const float* q, float beta, const float* h_pre,
+                                                 const float* H_res) {
+  unsigned char* grp = rec + (t / kRecGroup) * kRecBytes;
+  const int lt = static_cast<int>(t % kRecGroup);
+  auto* qa_hi = reinterpret_cast<__nv_bfloat16*>(grp + kRecQaHi) + lt * 24;
+  auto* qa_lo = reinterpret_cast<__nv_bfloat16*>(grp + kRecQaLo) + lt * 24;
+  auto* qb_hi = reinterpret_cast<__nv_bfloat16*>(grp + kRecQbHi) + lt;
+  auto* qb_lo = reinterpret_cast<__nv_bfloat16*>(grp + kRecQbLo) + lt;
+  for (int m = 0; m < 24; ++m) {
+    const float v = valid ? q[m] : 0.f;
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+    const __nv_bfloat16 lo = __float2bfloat16_rn(v - __bfloat162float(hi));
+    qa_hi[m] = hi, qa_lo[m] = lo, qb_hi[m * 24] = hi, qb_lo[m * 24] = lo;
+  }
+  reinterpret_cast<float*>(grp + kRecBeta)[lt] = valid ? beta : 0.f;
+  for (int i = 0; i < 4; ++i) {
+    reinterpret_cast<float*>(grp + kRecHpre)[lt * 4 + i] = valid ? h_pre[i] : 0.f;
+    for (int j = 0; j < 4; ++j)
+      reinterpret_cast<float*>(grp + kRecHt)[lt * 16 + i * 4 + j] = valid ? H_res[j * 4 + i] : 0.f;
+  }
+}
+
 /// One token of coefficients_backward_token_kernel, with `scratch` for the shared kernel.
 template <int N>
 __device__ __forceinline__ void coefficients_backward_token(
     int n, Index t, Index C, const MappingParams& p, const ConstCoefficients& coef,
     const float* __restrict__ d_h_pre, const float* __restrict__ d_h_post,
     const float* __restrict__ d_H_res, float* __restrict__ qb, float* __restrict__ tok,
-    float* scratch) {
+    unsigned char* __restrict__ rec, float* scratch) {
   constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM;
   const int nc = coef_count(n);
   float z[NCM], dz[NCM], dhp[NM], dhq[NM], dH[NM * NM];
@@ -371,6 +407,9 @@ __device__ __forceinline__ void coefficients_backward_token(
 #pragma unroll
   for (int k = 0; k < NM * NM; ++k)
     if (k < n * n) dst[3 + 2 * n + k] = dbr[k];
+  if (rec && n == 4)
+    write_mma_record(rec, t, true, qb + t * (nc + 1), qb[t * (nc + 1) + nc], coef.h_pre + t * n,
+                     coef.H_res + t * n * n);
 }
 
 /// One thread per token: dz from (dh_pre, dh_post, dH_res) through the shared gate and Sinkhorn
@@ -383,17 +422,22 @@ __global__ void __launch_bounds__(32)
                                        ConstCoefficients coef, const float* __restrict__ d_h_pre,
                                        const float* __restrict__ d_h_post,
                                        const float* __restrict__ d_H_res, float* __restrict__ qb,
-                                       float* __restrict__ tok, float* __restrict__ scratch,
-                                       int scratch_len) {
+                                       float* __restrict__ tok, unsigned char* __restrict__ rec,
+                                       float* __restrict__ scratch, int scratch_len) {
   constexpr int NM = max_streams_v<N>;
   const int n = N > 0 ? N : n_rt;
   const Index t = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x;
-  if (t >= T) return;
+  if (t >= T) {  // padding tokens of the last record group
+    if (rec && n == 4 && t < (T + kRecGroup - 1) / kRecGroup * kRecGroup)
+      write_mma_record(rec, t, false, nullptr, 0.f, nullptr, nullptr);
+    return;
+  }
   if (p.iterations <= kLocalIterations) {
     float local[mhc::detail::coefficient_backward_scratch(NM, kLocalIterations)];
-    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, tok, local);
+    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, tok, rec,
+                                   local);
   } else {
-    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, tok,
+    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, tok, rec,
                                    scratch + t * scratch_len);
   }
 }
@@ -627,6 +671,266 @@ __global__ void __launch_bounds__(4 * kGradGroups)
   for (int m = 0; m < nc; ++m) dst[(i * C + c) * nc + m] = dw[m];
 }
 
+// ---- input gradient on the tensor cores (n = 4, bf16) --------------------------------------------
+
+inline constexpr int kMmaStrip = 64;   // channels of a block (all 4 streams)
+inline constexpr int kMmaStage = 16;   // tokens per shared-memory stage (= one record group)
+inline constexpr int kMmaStages = 4;   // stages in the ring (3 in flight while one is computed)
+inline constexpr int kMmaRowBytes = kMmaStrip * 2;            // one 64-channel bf16 row strip
+inline constexpr int kMmaTokenBytes = 9 * kMmaRowBytes + 64;  // G (4), X (4), du; see mma_swz
+inline constexpr int kMmaStageBytes = kMmaStage * kMmaTokenBytes + kRecBytes;
+inline constexpr int kMmaSmemBytes = kMmaStages * kMmaStageBytes;
+
+/// Byte offset of 16-byte piece `chunk` (0..7) of a row strip of stage token t. The token stride
+/// (1216 bytes, 16 banks mod 32) keeps two tokens' 64-byte halves apart; the XOR on the chunk
+/// spreads the 8 token rows an ldmatrix reads over all 32 banks.
+__device__ __forceinline__ int mma_swz(int t, int row, int chunk) {
+  return t * kMmaTokenBytes + row * kMmaRowBytes + ((chunk ^ ((t >> 1) & 3)) << 4);
+}
+
+__device__ __forceinline__ void mma_bf16_1688(float (&d)[4], unsigned a0, unsigned a1,
+                                              unsigned b0) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+}
+
+/// (x, y) -> bf16x2 words hi = (bf16(x), bf16(y)) and lo = the bf16 of the remainders, so that
+/// hi + lo carries ~16 significant bits of each value (x in the low half, as mma expects).
+__device__ __forceinline__ void split_bf16x2(float x, float y, unsigned& hi, unsigned& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(x - hf.x, y - hf.y);
+  hi = *reinterpret_cast<const unsigned*>(&h);
+  lo = *reinterpret_cast<const unsigned*>(&l);
+}
+
+/// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros (src is not read).
+__device__ __forceinline__ void cp_async16(void* smem, const void* src, int src_bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
+/// Four transposed 8x8 bf16 tiles from shared memory (lane l gives the address of row l % 8 of
+/// tile l / 8).
+__device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, unsigned& r0, unsigned& r1,
+                                                  unsigned& r2, unsigned& r3) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(a));
+}
+
+/// The fused layer case of the input-gradient pass for n = 4, bf16, C % 64 == 0, 16-byte rows,
+/// with both products with W on the tensor cores. Block = 8 warps on a 64-channel strip of all
+/// four streams (warp w: stream i = w / 2, channels 32 (w % 2) .. + 31 of the strip) for a chunk
+/// of whole 16-token groups; per stage (one group) the G, X, du strips and the group record
+/// arrive by cp.async in a 4-stage ring.
+///   P = Q W^T       16 tokens x 32 channels per warp, k = 24 (16 + 8): Q and W each as bf16
+///                   hi + lo, products hi hi + hi lo + lo hi (~2^-16 relative). The n-tile columns
+///                   are permuted so that a lane's 8 outputs per token are 8 adjacent channels.
+///   dX = P + H_res^T G + h_pre du^T - beta X    fp32, one bf16 rounding, 16-byte stores.
+///   dW_part += X^T Q   32 x 24 per warp, k = 16 tokens: X exact in bf16 (ldmatrix.trans), Q
+///                   hi + lo; accumulated in registers over the chunk.
+/// The W fragments of a warp's channels stay in registers for the whole chunk.
+template <int Unused = 0>
+__global__ void __launch_bounds__(256, 2)
+    input_grad_mma_kernel(Index T, Index C, const __nv_bfloat16* __restrict__ G, Index ldg,
+                          const __nv_bfloat16* __restrict__ du, Index ldu,
+                          const __nv_bfloat16* __restrict__ X, Index ldx,
+                          const float* __restrict__ W, const unsigned char* __restrict__ rec,
+                          __nv_bfloat16* __restrict__ dX, Index lddx, Index tokens_per_chunk,
+                          float* __restrict__ dW_part) {
+  constexpr int n = 4, nc = 24;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int i = warp >> 1, half = warp & 1;  // stream, 32-channel half of the strip
+  const Index c0 = static_cast<Index>(blockIdx.x) * kMmaStrip;
+  const Index t_begin = blockIdx.y * tokens_per_chunk;  // a multiple of kMmaStage
+  const Index t_end = t_begin + tokens_per_chunk < T ? t_begin + tokens_per_chunk : T;
+
+  // W^T fragments (B operand: k = m, n = channel). Column g of n-tile nt is channel
+  // 8 (g / 2) + 2 nt + g % 2 of the warp's 32, so output columns 2q, 2q+1 of n-tile nt are
+  // channels 8q + 2nt, +1. Columns of W: {2q, 2q+1}, {2q+8, 2q+9} (k16), {16+2q, 17+2q} (k8).
+  unsigned wh[4][3], wl[4][3];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    const Index ch = c0 + 32 * half + 8 * (g >> 1) + 2 * nt + (g & 1);
+    const float* w = W + (i * C + ch) * nc + 2 * q;
+#pragma unroll
+    for (int s = 0; s < 3; ++s) {
+      const float2 v = __ldg(reinterpret_cast<const float2*>(w + 8 * s));
+      split_bf16x2(v.x, v.y, wh[nt][s], wl[nt][s]);
+    }
+  }
+  float dw[2][3][4];
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt)
+#pragma unroll
+    for (int nt = 0; nt < 3; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dw[kt][nt][e] = 0.f;
+
+  const int stages = static_cast<int>((t_end - t_begin + kMmaStage - 1) / kMmaStage);
+  // Copy roles, fixed for the whole chunk so that a stage costs a few adds per piece: threads
+  // 0-127 copy the G rows (4 tokens x 4 rows x 8 pieces per pass, 4 passes) and the du row (one
+  // piece), threads 128-255 the X rows likewise and the group record (324 pieces).
+  const int ct = threadIdx.x & 127;
+  const bool x_role = threadIdx.x >= 128;
+  const int c_tt = ct >> 5, c_r = (ct >> 3) & 3, c_pc = ct & 7;  // token (+4 per pass), row, piece
+  const Index ld_rows = x_role ? ldx : ldg;
+  const unsigned char* row_src = reinterpret_cast<const unsigned char*>(
+      (x_role ? X : G) + ((t_begin + c_tt) * n + c_r) * ld_rows + c0 + 8 * c_pc);
+  const Index row_step = 4 * n * ld_rows * 2;  // 4 tokens, bytes
+  const int du_tt = ct >> 3;
+  const unsigned char* du_src =
+      reinterpret_cast<const unsigned char*>(du + (t_begin + du_tt) * ldu + c0 + 8 * c_pc);
+  const unsigned char* rec_src = rec + (t_begin / kRecGroup) * kRecBytes + 16 * ct;
+  const int row_slot = x_role ? n + c_r : c_r;
+  const int left0 = static_cast<int>(t_end - t_begin);  // tokens of the chunk
+  auto issue = [&](int st) {
+    if (st < stages) {
+      unsigned char* base = smem + (st % kMmaStages) * kMmaStageBytes;
+      const int left = left0 - st * kMmaStage;  // live tokens of this stage: tt < left
+      const Index adv = static_cast<Index>(st) * 4;  // passes of 4 tokens before this stage
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int tt = c_tt + 4 * j;
+        cp_async16(base + mma_swz(tt, row_slot, c_pc), row_src + (adv + j) * row_step,
+                   tt < left ? 16 : 0);
+      }
+      if (!x_role) {
+        cp_async16(base + mma_swz(du_tt, 2 * n, c_pc),
+                   du_src + static_cast<Index>(st) * kMmaStage * ldu * 2, du_tt < left ? 16 : 0);
+      } else {
+        const unsigned char* src = rec_src + static_cast<Index>(st) * kRecBytes;
+        unsigned char* dst = base + kMmaStage * kMmaTokenBytes + 16 * ct;
+#pragma unroll
+        for (int j = 0; j < 3; ++j)
+          if (ct + 128 * j < kRecBytes / 16) cp_async16(dst + 2048 * j, src + 2048 * j, 16);
+      }
+    }
+    __pipeline_commit();  // possibly empty, so that every iteration waits on the same count
+  };
+
+  // Per lane: dX rows of tokens g and g + 8 start here (16-byte stores of 8 channels).
+  __nv_bfloat16* dx_lane = dX + ((t_begin + g) * n + i) * lddx + c0 + 32 * half + 8 * q;
+
+#pragma unroll
+  for (int st = 0; st < kMmaStages - 1; ++st) issue(st);
+  for (int st = 0; st < stages; ++st) {
+    issue(st + kMmaStages - 1);
+    __pipeline_wait_prior(kMmaStages - 1);
+    __syncthreads();
+    const unsigned char* base = smem + (st % kMmaStages) * kMmaStageBytes;
+    const unsigned char* rg = base + kMmaStage * kMmaTokenBytes;  // the group record
+    const auto word = [&](int off, int idx) {
+      return reinterpret_cast<const unsigned*>(rg + off)[idx];
+    };
+    const Index b0 = t_begin + static_cast<Index>(st) * kMmaStage;
+
+    // dW_part[k][m] += sum_t X[t][k] Q[t][m]: A = X^T (ldmatrix.trans of the X rows), B = Q from
+    // the m-major record (b0 = Q[2q, 2q+1][m], b1 = Q[2q+8, 2q+9][m], m = 8 nt + g).
+    {
+      unsigned a[2][4];
+      const int mat = lane >> 3, r = lane & 7, t = r + (mat >> 1) * 8;
+#pragma unroll
+      for (int kt = 0; kt < 2; ++kt)
+        ldmatrix_x4_trans(base + mma_swz(t, n + i, 4 * half + 2 * kt + (mat & 1)), a[kt][0],
+                          a[kt][1], a[kt][2], a[kt][3]);
+#pragma unroll
+      for (int lo = 1; lo >= 0; --lo)
+#pragma unroll
+        for (int nt = 0; nt < 3; ++nt) {
+          const int off = lo ? kRecQbLo : kRecQbHi, m = 8 * nt + g;
+          const unsigned b0w = word(off, m * 12 + q), b1w = word(off, m * 12 + q + 4);
+#pragma unroll
+          for (int kt = 0; kt < 2; ++kt)
+            mma_bf16_16816(dw[kt][nt], a[kt][0], a[kt][1], a[kt][2], a[kt][3], b0w, b1w);
+        }
+    }
+
+    // P = Q W^T for tokens g, g + 8: A = Q from the token-major record.
+    float acc[4][4];
+    {
+      unsigned ah[6], al[6];
+#pragma unroll
+      for (int s = 0; s < 3; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          ah[2 * s + h] = word(kRecQaHi, (g + 8 * h) * 12 + q + 4 * s);
+          al[2 * s + h] = word(kRecQaLo, (g + 8 * h) * 12 + q + 4 * s);
+        }
+      // a0..a3 of the k16 step are (row g, k 2q), (row g+8, k 2q), (row g, k 2q+8), (g+8, 2q+8).
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+        mma_bf16_16816(acc[nt], al[0], al[1], al[2], al[3], wh[nt][0], wh[nt][1]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+        mma_bf16_16816(acc[nt], ah[0], ah[1], ah[2], ah[3], wl[nt][0], wl[nt][1]);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) mma_bf16_1688(acc[nt], al[4], al[5], wh[nt][2]);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) mma_bf16_1688(acc[nt], ah[4], ah[5], wl[nt][2]);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+        mma_bf16_16816(acc[nt], ah[0], ah[1], ah[2], ah[3], wh[nt][0], wh[nt][1]);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) mma_bf16_1688(acc[nt], ah[4], ah[5], wh[nt][2]);
+    }
+
+    // dX for tokens g, g + 8, channels 8q .. 8q + 7 of the warp's 32.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = g + 8 * h;
+      const float beta = reinterpret_cast<const float*>(rg + kRecBeta)[t];
+      const float hp = reinterpret_cast<const float*>(rg + kRecHpre)[t * 4 + i];
+      const float4 ht = reinterpret_cast<const float4*>(rg + kRecHt)[t * 4 + i];
+      const int chunk = 4 * half + q;
+      const auto row = [&](int r) {
+        return *reinterpret_cast<const uint4*>(base + mma_swz(t, r, chunk));
+      };
+      const uint4 g0 = row(0), g1 = row(1), g2 = row(2), g3 = row(3), d = row(2 * n),
+                  x = row(n + i);
+      uint4 out;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {  // channels 8q + 2e, +1 = columns 2q, 2q+1 of n-tile e
+        const auto f = [&](const uint4& v) {
+          return __bfloat1622float2(
+              *reinterpret_cast<const __nv_bfloat162*>(reinterpret_cast<const unsigned*>(&v) + e));
+        };
+        const float2 a0 = f(g0), a1 = f(g1), a2 = f(g2), a3 = f(g3), dd = f(d), xx = f(x);
+        float2 o = make_float2(acc[e][2 * h], acc[e][2 * h + 1]);
+        o.x += ht.x * a0.x + ht.y * a1.x + ht.z * a2.x + ht.w * a3.x + hp * dd.x - beta * xx.x;
+        o.y += ht.x * a0.y + ht.y * a1.y + ht.z * a2.y + ht.w * a3.y + hp * dd.y - beta * xx.y;
+        const __nv_bfloat162 ob = __floats2bfloat162_rn(o.x, o.y);
+        reinterpret_cast<unsigned*>(&out)[e] = *reinterpret_cast<const unsigned*>(&ob);
+      }
+      if (b0 + t < t_end)
+        *reinterpret_cast<uint4*>(dx_lane + (static_cast<Index>(st) * kMmaStage + 8 * h) * n * lddx) =
+            out;
+    }
+    __syncthreads();  // the stage buffer is refilled by a later issue
+  }
+  __pipeline_wait_prior(0);
+
+  float* dst = dW_part + static_cast<Index>(blockIdx.y) * n * C * nc;
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt)
+#pragma unroll
+    for (int nt = 0; nt < 3; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<float2*>(dst + (i * C + c0 + 32 * half + 16 * kt + g + 8 * h) * nc +
+                                   8 * nt + 2 * q) =
+            make_float2(dw[kt][nt][2 * h], dw[kt][nt][2 * h + 1]);
+}
+
 // ---- launch plans (sizes only; shared by the launchers and the workspace queries) --------------
 
 template <typename S>
@@ -647,9 +951,17 @@ inline ProjectionPlan projection_plan(int n, Index T, Index C, bool mma, bool ve
   if (pl.mma) {
     pl.blocks_x = ceil_div(T, kMmaTokens);
     pl.blocks_z = 1;
+    // The splits that fill whole waves of kMmaResident blocks best (a partial last wave runs at
+    // a fraction of the bandwidth); ties go to fewer splits (fewer partials to sum).
     const int max_splits = static_cast<int>(C / 32 / 4 > 1 ? C / 32 / 4 : 1);
-    const int want = ceil_div(kTargetBlocks, pl.blocks_x);
-    pl.splits = want < max_splits ? want : max_splits;
+    pl.splits = 1;
+    double best = 0.0;
+    for (int s = 1; s <= max_splits && s <= 16; ++s) {
+      const long long blocks = static_cast<long long>(pl.blocks_x) * s;
+      const long long waves = (blocks + kMmaResident - 1) / kMmaResident;
+      const double fill = static_cast<double>(blocks) / static_cast<double>(waves * kMmaResident);
+      if (fill > best + 1e-9) best = fill, pl.splits = s;
+    }
   } else {
     pl.blocks_x = ceil_div(T, kProjTokens);
     pl.blocks_z = ceil_div(nc, n == 4 ? 24 : 16);
@@ -681,6 +993,29 @@ inline InputGradPlan input_grad_plan(Index T, Index C) {
   return pl;
 }
 
+/// Grid of input_grad_mma_kernel: 64-channel strips x token chunks (whole stages), about two
+/// blocks per multiprocessor of an H200 in one wave. Sizes only, so the sums' order (and bits)
+/// never depend on the device.
+inline InputGradPlan mma_grad_plan(Index T, Index C) {
+  InputGradPlan pl{};
+  pl.groups = kMmaStrip;
+  pl.blocks_x = ceil_div(C, kMmaStrip);
+  const Index stages = (T + kMmaStage - 1) / kMmaStage;
+  Index chunks = (kTargetBlocks / 2) / pl.blocks_x;
+  if (chunks > stages) chunks = stages;
+  if (chunks < 1) chunks = 1;
+  pl.tokens_per_chunk = (stages + chunks - 1) / chunks * kMmaStage;
+  pl.chunks = ceil_div(T > 0 ? T : 1, pl.tokens_per_chunk);
+  return pl;
+}
+
+template <typename S>
+inline bool use_mma_grad(int n, Index C, const S* G, Index ldg, const S* du, Index ldu,
+                         const S* X, Index ldx, const S* dX, Index lddx) {
+  return std::is_same<S, __nv_bfloat16>::value && n == 4 && C % kMmaStrip == 0 && G != nullptr &&
+         du != nullptr && vec_ok(G, ldg) && vec_ok(du, ldu) && vec_ok(X, ldx) && vec_ok(dX, lddx);
+}
+
 struct ForwardWorkspace {
   float* part;
   uint4* w_hi;
@@ -702,6 +1037,7 @@ inline ForwardWorkspace forward_workspace(Carve& cv, int n, Index T, Index C, bo
 struct BackwardWorkspace {
   float* qb;
   float* tok;
+  unsigned char* rec;  // 16-token group records of input_grad_mma_kernel (n = 4 only)
   float* scratch;
   float* dW_part;
   int scratch_len;
@@ -715,8 +1051,13 @@ inline BackwardWorkspace backward_workspace(Carve& cv, int n, Index T, Index C, 
   ws.qb = cv.take<float>(static_cast<std::size_t>(T) * (nc + 1));
   ws.tok = cv.take<float>(static_cast<std::size_t>(T) * (3 + nc));
   ws.scratch = cv.take<float>(static_cast<std::size_t>(T) * ws.scratch_len);
-  const InputGradPlan pl = input_grad_plan(T, C);
-  ws.dW_part = cv.take<float>(static_cast<std::size_t>(pl.chunks) * n * C * nc);
+  ws.rec = n == 4 ? cv.take<unsigned char>(static_cast<std::size_t>((T + kRecGroup - 1) / kRecGroup) *
+                                           kRecBytes)
+                  : nullptr;
+  int chunks = input_grad_plan(T, C).chunks;
+  if (n == 4 && C % kMmaStrip == 0 && mma_grad_plan(T, C).chunks > chunks)
+    chunks = mma_grad_plan(T, C).chunks;
+  ws.dW_part = cv.take<float>(static_cast<std::size_t>(chunks) * n * C * nc);
   return ws;
 }
 
@@ -828,18 +1169,32 @@ inline Status coefficients_backward_impl(int n, Index T, Index C, const S* G, In
                                          float* dW, float* d_alpha, float* d_bias, Carve& cv,
                                          cudaStream_t stream) {
   const BackwardWorkspace ws = backward_workspace(cv, n, T, C, p.iterations);
-  const InputGradPlan pl = input_grad_plan(T, C);
+  const bool mma = use_mma_grad(n, C, G, ldg, du, ldu, X, ldx, dX, lddx);
+  const InputGradPlan pl = mma ? mma_grad_plan(T, C) : input_grad_plan(T, C);
   const int nc = coef_count(n);
+  if (mma && cudaFuncSetAttribute(input_grad_mma_kernel<>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  kMmaSmemBytes) != cudaSuccess)
+    return Status::kCudaError;
   return dispatch_streams(n, [&](auto nn) {
     constexpr int N = decltype(nn)::value;
     coefficients_backward_token_kernel<N><<<ceil_div(T, 32), 32, 0, stream>>>(
-        n, T, C, p, coef, d_h_pre, d_h_post, d_H_res, ws.qb, ws.tok, ws.scratch, ws.scratch_len);
+        n, T, C, p, coef, d_h_pre, d_h_post, d_H_res, ws.qb, ws.tok, mma ? ws.rec : nullptr,
+        ws.scratch, ws.scratch_len);
     const dim3 grid(pl.blocks_x, pl.chunks);
-    const int threads = n * pl.groups;
+    const int threads = n * kGradGroups;
     bool staged = false;
     if constexpr (N == 4) {
-      staged = G && C % kGradGroups == 0 && vec_ok(G, ldg) && vec_ok(X, ldx) && vec_ok(du, ldu);
-      if (staged)
+      if constexpr (std::is_same<S, __nv_bfloat16>::value) {
+        if (mma)
+          input_grad_mma_kernel<><<<grid, 256, kMmaSmemBytes, stream>>>(
+              T, C, G, ldg, du, ldu, X, ldx, p.W, ws.rec, dX, lddx, pl.tokens_per_chunk,
+              ws.dW_part);
+      }
+      staged = mma;
+      if (!staged)
+        staged = G && C % kGradGroups == 0 && vec_ok(G, ldg) && vec_ok(X, ldx) && vec_ok(du, ldu);
+      if (staged && !mma)
         input_grad_staged_kernel<S><<<grid, threads, 0, stream>>>(
             T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
             ws.dW_part);
