@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(256)
 inline constexpr int kMmaTokens = 64;  // tokens per block: 4 m-tiles of 16, shared by 4 warps
 inline constexpr int kMmaNT = 3;       // n-tiles of 8 columns: n^2 + 2n = 24 for n = 4
 /// Blocks of project_mma_kernel resident at once on an H100/H200 (3 per multiprocessor at its
-/// 168 registers per thread); used only to size the grid, never for correctness.
+/// ~168 registers per thread); used only to size the grid, never for correctness.
 inline constexpr int kMmaResident = 3 * 132;
 
 /// W (n C, nc) fp32 -> two bf16 copies (hi = bf16(W), lo = bf16(W - hi)) in mma fragment order:
@@ -175,17 +175,6 @@ __global__ void __launch_bounds__(128)
   const Index c_begin = sp * per;
   const Index c_end = c_begin + per < chunks ? c_begin + per : chunks;
 
-  const __nv_bfloat16* row[MT][2];
-  bool valid[MT][2];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const Index t = t0 + 16 * m + g + 8 * h;
-      valid[m][h] = t < T;
-      row[m][h] = X + (valid[m][h] ? t : 0) * n * ldx + 8 * q;
-    }
-
   float acc[MT][kMmaNT][4];
   float ss[MT][2];
 #pragma unroll
@@ -203,14 +192,16 @@ __global__ void __launch_bounds__(128)
   const Index my_begin = c_begin + warp;
   const Index my_chunks = c_end > my_begin ? (c_end - my_begin + 3) / 4 : 0;
   const int iters = static_cast<int>(my_chunks) * n;
+  // Rows past T re-read row T - 1 (their results are never stored), so loads need no branch.
   auto load_a = [&](int i, Index c32, uint4 (&a)[MT][2]) {
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        a[m][h] = valid[m][h]
-                      ? __ldg(reinterpret_cast<const uint4*>(row[m][h] + i * ldx + c32 * 32))
-                      : make_uint4(0u, 0u, 0u, 0u);
+      for (int h = 0; h < 2; ++h) {
+        Index t = t0 + 16 * m + g + 8 * h;
+        t = t < T ? t : T - 1;
+        a[m][h] = __ldg(reinterpret_cast<const uint4*>(X + (t * n + i) * ldx + c32 * 32 + 8 * q));
+      }
   };
   uint4 a[MT][2], next[MT][2] = {};
   int i_cur = 0;
@@ -393,9 +384,17 @@ __device__ __forceinline__ void coefficients_backward_token(
   for (int j = 0; j < NCM; ++j)
     if (j < nc) {
       zdz += z[j] * dz[j];
-      qb[t * (nc + 1) + j] = dz[j] / r;
+      dz[j] = dz[j] / r;  // q
     }
-  qb[t * (nc + 1) + nc] = zdz / (static_cast<float>(n * C) * r * r);
+  const float beta = zdz / (static_cast<float>(n * C) * r * r);
+  if (rec && n == 4) {  // the tensor-core input gradient reads only the group records
+    write_mma_record(rec, t, true, dz, beta, coef.h_pre + t * n, coef.H_res + t * n * n);
+  } else {
+#pragma unroll
+    for (int j = 0; j < NCM; ++j)
+      if (j < nc) qb[t * (nc + 1) + j] = dz[j];
+    qb[t * (nc + 1) + nc] = beta;
+  }
   float* dst = tok + t * (3 + nc);
   dst[0] = dal[0], dst[1] = dal[1], dst[2] = dal[2];
 #pragma unroll
@@ -407,13 +406,11 @@ __device__ __forceinline__ void coefficients_backward_token(
 #pragma unroll
   for (int k = 0; k < NM * NM; ++k)
     if (k < n * n) dst[3 + 2 * n + k] = dbr[k];
-  if (rec && n == 4)
-    write_mma_record(rec, t, true, qb + t * (nc + 1), qb[t * (nc + 1) + nc], coef.h_pre + t * n,
-                     coef.H_res + t * n * n);
 }
 
 /// One thread per token: dz from (dh_pre, dh_post, dH_res) through the shared gate and Sinkhorn
-/// backward, then q = dz / r and beta = (z . dz) / (n C r^2) to qb (T, nc + 1), and the token's
+/// backward, then q = dz / r and beta = (z . dz) / (n C r^2) to qb (T, nc + 1) or, with `rec`,
+/// into the 16-token group records of input_grad_mma_kernel, and the token's
 /// dalpha (3) and dbias (nc) to tok (T, 3 + nc). The Sinkhorn sums of the recomputed forward
 /// live in thread-local memory up to kLocalIterations, else in `scratch` (scratch_len per token).
 template <int N>
@@ -728,7 +725,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, unsigned& r0
 /// with both products with W on the tensor cores. Block = 8 warps on a 64-channel strip of all
 /// four streams (warp w: stream i = w / 2, channels 32 (w % 2) .. + 31 of the strip) for a chunk
 /// of whole 16-token groups; per stage (one group) the G, X, du strips and the group record
-/// arrive by cp.async in a 4-stage ring.
+/// arrive by cp.async in a 4-stage ring (2-3 stages in flight, one barrier per stage).
 ///   P = Q W^T       16 tokens x 32 channels per warp, k = 24 (16 + 8): Q and W each as bf16
 ///                   hi + lo, products hi hi + hi lo + lo hi (~2^-16 relative). The n-tile columns
 ///                   are permuted so that a lane's 8 outputs per token are 8 adjacent channels.
@@ -822,9 +819,9 @@ __global__ void __launch_bounds__(256, 2)
 #pragma unroll
   for (int st = 0; st < kMmaStages - 1; ++st) issue(st);
   for (int st = 0; st < stages; ++st) {
-    issue(st + kMmaStages - 1);
-    __pipeline_wait_prior(kMmaStages - 1);
-    __syncthreads();
+    __pipeline_wait_prior(kMmaStages - 2);  // this stage's copies are done (this thread's) ...
+    __syncthreads();  // ... and everyone's; every warp is also done with the previous stage,
+    issue(st + kMmaStages - 1);  // whose buffer this refills
     const unsigned char* base = smem + (st % kMmaStages) * kMmaStageBytes;
     const unsigned char* rg = base + kMmaStage * kMmaTokenBytes;  // the group record
     const auto word = [&](int off, int idx) {
@@ -915,7 +912,6 @@ __global__ void __launch_bounds__(256, 2)
         *reinterpret_cast<uint4*>(dx_lane + (static_cast<Index>(st) * kMmaStage + 8 * h) * n * lddx) =
             out;
     }
-    __syncthreads();  // the stage buffer is refilled by a later issue
   }
   __pipeline_wait_prior(0);
 
@@ -1217,8 +1213,7 @@ inline Status coefficients_backward_impl(int n, Index T, Index C, const S* G, In
     chunk_sum_kernel<<<elementwise_blocks(w_size), 256, 0, stream>>>(w_size, pl.chunks,
                                                                      ws.dW_part, dW);
     // tok rows are (dalpha (3), dbias (nc)): one fixed-order column sum per output.
-    column_sum_kernel<<<3, 1024, 0, stream>>>(T, 3 + nc, ws.tok, d_alpha);
-    column_sum_kernel<<<nc, 1024, 0, stream>>>(T, 3 + nc, ws.tok + 3, d_bias);
+    column_sum_kernel<<<3 + nc, 1024, 0, stream>>>(T, 3 + nc, ws.tok, 3, d_alpha, d_bias);
     return last_launch_status();
   });
 }

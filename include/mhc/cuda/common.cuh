@@ -228,19 +228,21 @@ __global__ void split_sum_kernel(Index T, int splits, int P, const float* __rest
   }
 }
 
-/// Column sums over rows in a fixed order: out[j] = sum_t rows[t][j], rows (count, width); one
-/// block (up to 1024 threads) per column.
+/// Column sums over rows in a fixed order: sum_t rows[t][j] for the `width` columns of rows
+/// (count, width), to out0[j] for j < w0 and out1[j - w0] otherwise; one block (up to 1024
+/// threads) per column, one launch for both outputs.
 template <int Unused = 0>
 __global__ void __launch_bounds__(1024) column_sum_kernel(Index count, int width,
-                                                          const float* __restrict__ rows,
-                                                          float* __restrict__ out) {
+                                                          const float* __restrict__ rows, int w0,
+                                                          float* __restrict__ out0,
+                                                          float* __restrict__ out1) {
   __shared__ float scratch[32];
   __shared__ float total[1];
   const int j = blockIdx.x;
   float v[1] = {0.f};
   for (Index t = threadIdx.x; t < count; t += blockDim.x) v[0] += rows[t * width + j];
   block_sum<1>(v, 1, scratch, total);
-  if (threadIdx.x == 0) out[j] = total[0];
+  if (threadIdx.x == 0) (j < w0 ? out0[j] : out1[j - w0]) = total[0];
 }
 
 /// out[k] = sum over chunks of part[chunk][k], chunk order fixed.
