@@ -15,7 +15,9 @@
 //               fp32 FMA kernel.
 //   finalize    one thread per token: partials summed in split order, then gates + Sinkhorn.
 //   backward    one thread per token for the coefficient maths, then one pass over X writing dX
-//               and the per-chunk partial dW; dW, dalpha, dbias are summed in a fixed order.
+//               and the per-chunk partial dW (for n = 4, bf16, C % 64 == 0 in the fused layer
+//               backward both products with W run on the tensor cores, input_grad_mma_kernel);
+//               dW, dalpha, dbias are summed in a fixed order.
 #pragma once
 
 #include <cuda_pipeline.h>
@@ -722,16 +724,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, unsigned& r0
 }
 
 /// The fused layer case of the input-gradient pass for n = 4, bf16, C % 64 == 0, 16-byte rows,
-/// with both products with W on the tensor cores. Block = 8 warps on a 64-channel strip of all
-/// four streams (warp w: stream i = w / 2, channels 32 (w % 2) .. + 31 of the strip) for a chunk
-/// of whole 16-token groups; per stage (one group) the G, X, du strips and the group record
-/// arrive by cp.async in a 4-stage ring (2-3 stages in flight, one barrier per stage).
-///   P = Q W^T       16 tokens x 32 channels per warp, k = 24 (16 + 8): Q and W each as bf16
-///                   hi + lo, products hi hi + hi lo + lo hi (~2^-16 relative). The n-tile columns
-///                   are permuted so that a lane's 8 outputs per token are 8 adjacent channels.
-///   dX = P + H_res^T G + h_pre du^T - beta X    fp32, one bf16 rounding, 16-byte stores.
-///   dW_part += X^T Q   32 x 24 per warp, k = 16 tokens: X exact in bf16 (ldmatrix.trans), Q
-///                   hi + lo; accumulated in registers over the chunk.
+/// with both products with W on the tensor cores. Block = 8 warps on a 64-channel strip; warp w
+/// owns channels 8w .. 8w + 7 of the strip in all four streams, for a chunk of whole 16-token
+/// groups. Per stage (one group) the G, X, du strips and the group record arrive by cp.async in
+/// a 4-stage ring (2-3 stages in flight, one barrier per stage).
+///   P = Q W^T       16 tokens x 32 columns per warp (n-tile = stream, column = channel),
+///                   k = 24 (16 + 8): Q and W each as bf16 hi + lo, products hi hi + hi lo +
+///                   lo hi (~2^-16 relative).
+///   dX = P + H_res^T G + h_pre du^T - beta X    fp32, one bf16 rounding. A lane holds the same
+///                   2 channels of all 4 streams, so each G and du value is unpacked once.
+///   dW_part += X^T Q   32 rows (2 streams x 8 channels per m-tile) x 24, k = 16 tokens: X exact
+///                   in bf16 (ldmatrix.trans), Q hi + lo; accumulated in registers over the chunk.
 /// The W fragments of a warp's channels stay in registers for the whole chunk.
 template <int Unused = 0>
 __global__ void __launch_bounds__(256, 2)
@@ -744,23 +747,21 @@ __global__ void __launch_bounds__(256, 2)
   constexpr int n = 4, nc = 24;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const int i = warp >> 1, half = warp & 1;  // stream, 32-channel half of the strip
   const Index c0 = static_cast<Index>(blockIdx.x) * kMmaStrip;
+  const Index cw = c0 + 8 * warp;  // the warp's 8 channels
   const Index t_begin = blockIdx.y * tokens_per_chunk;  // a multiple of kMmaStage
   const Index t_end = t_begin + tokens_per_chunk < T ? t_begin + tokens_per_chunk : T;
 
-  // W^T fragments (B operand: k = m, n = channel). Column g of n-tile nt is channel
-  // 8 (g / 2) + 2 nt + g % 2 of the warp's 32, so output columns 2q, 2q+1 of n-tile nt are
-  // channels 8q + 2nt, +1. Columns of W: {2q, 2q+1}, {2q+8, 2q+9} (k16), {16+2q, 17+2q} (k8).
+  // W^T fragments (B operand: k = m, n = column): n-tile s is stream s, column g channel cw + g.
+  // Columns of W: {2q, 2q+1}, {2q+8, 2q+9} (k16 step) and {16+2q, 17+2q} (k8 step), hi and lo.
   unsigned wh[4][3], wl[4][3];
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-    const Index ch = c0 + 32 * half + 8 * (g >> 1) + 2 * nt + (g & 1);
-    const float* w = W + (i * C + ch) * nc + 2 * q;
+  for (int st = 0; st < 4; ++st) {
+    const float* w = W + (st * C + cw + g) * nc + 2 * q;
 #pragma unroll
     for (int s = 0; s < 3; ++s) {
       const float2 v = __ldg(reinterpret_cast<const float2*>(w + 8 * s));
-      split_bf16x2(v.x, v.y, wh[nt][s], wl[nt][s]);
+      split_bf16x2(v.x, v.y, wh[st][s], wl[st][s]);
     }
   }
   float dw[2][3][4];
@@ -813,8 +814,8 @@ __global__ void __launch_bounds__(256, 2)
     __pipeline_commit();  // possibly empty, so that every iteration waits on the same count
   };
 
-  // Per lane: dX rows of tokens g and g + 8 start here (16-byte stores of 8 channels).
-  __nv_bfloat16* dx_lane = dX + ((t_begin + g) * n + i) * lddx + c0 + 32 * half + 8 * q;
+  // Per lane: row (token g, stream 0) of dX at the lane's 2 channels cw + 2q, +1.
+  __nv_bfloat16* dx_lane = dX + (t_begin + g) * n * lddx + cw + 2 * q;
 
 #pragma unroll
   for (int st = 0; st < kMmaStages - 1; ++st) issue(st);
@@ -829,15 +830,16 @@ __global__ void __launch_bounds__(256, 2)
     };
     const Index b0 = t_begin + static_cast<Index>(st) * kMmaStage;
 
-    // dW_part[k][m] += sum_t X[t][k] Q[t][m]: A = X^T (ldmatrix.trans of the X rows), B = Q from
-    // the m-major record (b0 = Q[2q, 2q+1][m], b1 = Q[2q+8, 2q+9][m], m = 8 nt + g).
+    // dW_part[k][m] += sum_t X[t][k] Q[t][m]: A = X^T by ldmatrix.trans (m-tile kt: rows 0-7 =
+    // stream 2kt, rows 8-15 = stream 2kt + 1, channels cw .. cw + 7), B = Q from the m-major
+    // record (b0 = Q[2q, 2q+1][m], b1 = Q[2q+8, 2q+9][m], m = 8 nt + g).
     {
       unsigned a[2][4];
       const int mat = lane >> 3, r = lane & 7, t = r + (mat >> 1) * 8;
 #pragma unroll
       for (int kt = 0; kt < 2; ++kt)
-        ldmatrix_x4_trans(base + mma_swz(t, n + i, 4 * half + 2 * kt + (mat & 1)), a[kt][0],
-                          a[kt][1], a[kt][2], a[kt][3]);
+        ldmatrix_x4_trans(base + mma_swz(t, n + 2 * kt + (mat & 1), warp), a[kt][0], a[kt][1],
+                          a[kt][2], a[kt][3]);
 #pragma unroll
       for (int lo = 1; lo >= 0; --lo)
 #pragma unroll
@@ -851,7 +853,7 @@ __global__ void __launch_bounds__(256, 2)
     }
 
     // P = Q W^T for tokens g, g + 8: A = Q from the token-major record.
-    float acc[4][4];
+    float acc[4][4];  // [stream][token g: 0, 1; token g + 8: 2, 3]
     {
       unsigned ah[6], al[6];
 #pragma unroll
@@ -861,7 +863,6 @@ __global__ void __launch_bounds__(256, 2)
           ah[2 * s + h] = word(kRecQaHi, (g + 8 * h) * 12 + q + 4 * s);
           al[2 * s + h] = word(kRecQaLo, (g + 8 * h) * 12 + q + 4 * s);
         }
-      // a0..a3 of the k16 step are (row g, k 2q), (row g+8, k 2q), (row g, k 2q+8), (g+8, 2q+8).
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -881,49 +882,41 @@ __global__ void __launch_bounds__(256, 2)
       for (int nt = 0; nt < 4; ++nt) mma_bf16_1688(acc[nt], ah[4], ah[5], wh[nt][2]);
     }
 
-    // dX for tokens g, g + 8, channels 8q .. 8q + 7 of the warp's 32.
+    // dX for tokens g, g + 8, channels cw + 2q, +1, all four streams.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int t = g + 8 * h;
+      if (b0 + t >= t_end) continue;
       const float beta = reinterpret_cast<const float*>(rg + kRecBeta)[t];
-      const float hp = reinterpret_cast<const float*>(rg + kRecHpre)[t * 4 + i];
-      const float4 ht = reinterpret_cast<const float4*>(rg + kRecHt)[t * 4 + i];
-      const int chunk = 4 * half + q;
-      const auto row = [&](int r) {
-        return *reinterpret_cast<const uint4*>(base + mma_swz(t, r, chunk));
+      const float4 hp = reinterpret_cast<const float4*>(rg + kRecHpre)[t];
+      const auto pair = [&](int row) {
+        return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+            base + mma_swz(t, row, warp) + 4 * q));
       };
-      const uint4 g0 = row(0), g1 = row(1), g2 = row(2), g3 = row(3), d = row(2 * n),
-                  x = row(n + i);
-      uint4 out;
+      const float2 g0 = pair(0), g1 = pair(1), g2 = pair(2), g3 = pair(3), d = pair(2 * n);
+      __nv_bfloat16* dst = dx_lane + (static_cast<Index>(st) * kMmaStage + 8 * h) * n * lddx;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {  // channels 8q + 2e, +1 = columns 2q, 2q+1 of n-tile e
-        const auto f = [&](const uint4& v) {
-          return __bfloat1622float2(
-              *reinterpret_cast<const __nv_bfloat162*>(reinterpret_cast<const unsigned*>(&v) + e));
-        };
-        const float2 a0 = f(g0), a1 = f(g1), a2 = f(g2), a3 = f(g3), dd = f(d), xx = f(x);
-        float2 o = make_float2(acc[e][2 * h], acc[e][2 * h + 1]);
-        o.x += ht.x * a0.x + ht.y * a1.x + ht.z * a2.x + ht.w * a3.x + hp * dd.x - beta * xx.x;
-        o.y += ht.x * a0.y + ht.y * a1.y + ht.z * a2.y + ht.w * a3.y + hp * dd.y - beta * xx.y;
-        const __nv_bfloat162 ob = __floats2bfloat162_rn(o.x, o.y);
-        reinterpret_cast<unsigned*>(&out)[e] = *reinterpret_cast<const unsigned*>(&ob);
+      for (int i = 0; i < n; ++i) {
+        const float4 ht = reinterpret_cast<const float4*>(rg + kRecHt)[t * 4 + i];
+        const float hpi = i == 0 ? hp.x : i == 1 ? hp.y : i == 2 ? hp.z : hp.w;
+        const float2 x = pair(n + i);
+        float2 o = make_float2(acc[i][2 * h], acc[i][2 * h + 1]);
+        o.x += ht.x * g0.x + ht.y * g1.x + ht.z * g2.x + ht.w * g3.x + hpi * d.x - beta * x.x;
+        o.y += ht.x * g0.y + ht.y * g1.y + ht.z * g2.y + ht.w * g3.y + hpi * d.y - beta * x.y;
+        *reinterpret_cast<__nv_bfloat162*>(dst + i * lddx) = __floats2bfloat162_rn(o.x, o.y);
       }
-      if (b0 + t < t_end)
-        *reinterpret_cast<uint4*>(dx_lane + (static_cast<Index>(st) * kMmaStage + 8 * h) * n * lddx) =
-            out;
     }
   }
   __pipeline_wait_prior(0);
 
-  float* dst = dW_part + static_cast<Index>(blockIdx.y) * n * C * nc;
+  float* dstw = dW_part + static_cast<Index>(blockIdx.y) * n * C * nc;
 #pragma unroll
   for (int kt = 0; kt < 2; ++kt)
 #pragma unroll
     for (int nt = 0; nt < 3; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        *reinterpret_cast<float2*>(dst + (i * C + c0 + 32 * half + 16 * kt + g + 8 * h) * nc +
-                                   8 * nt + 2 * q) =
+        *reinterpret_cast<float2*>(dstw + ((2 * kt + h) * C + cw + g) * nc + 8 * nt + 2 * q) =
             make_float2(dw[kt][nt][2 * h], dw[kt][nt][2 * h + 1]);
 }
 
