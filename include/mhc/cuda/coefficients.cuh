@@ -133,6 +133,13 @@ __global__ void pack_w_kernel(Index k_chunks, int nc, const float* __restrict__ 
   }
 }
 
+/// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros (src is not read).
+__device__ __forceinline__ void cp_async16(void* smem, const void* src, int src_bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], unsigned a0, unsigned a1,
                                                unsigned a2, unsigned a3, unsigned b0,
                                                unsigned b1) {
@@ -205,20 +212,36 @@ __global__ void __launch_bounds__(128)
         a[m][h] = __ldg(reinterpret_cast<const uint4*>(X + (t * n + i) * ldx + c32 * 32 + 8 * q));
       }
   };
+  // W fragments travel by cp.async into a per-warp double buffer one iteration ahead; a lane
+  // reads back only the 16-byte pieces it copied itself, so no barrier is needed. The buffer
+  // shares its bytes with `red`, used after the loop.
+  __shared__ __align__(16) unsigned char s_raw[4 * kMmaTokens * P * sizeof(float)];
+  static_assert(4 * 2 * 2 * kMmaNT * 32 * sizeof(uint4) <= sizeof(s_raw), "W buffer fits");
+  uint4(*s_w)[2][2][kMmaNT][32] = reinterpret_cast<uint4(*)[2][2][kMmaNT][32]>(s_raw);
+  auto load_w = [&](int i, Index c32, int buf) {
+    const Index kc = i * chunks + c32;
+#pragma unroll
+    for (int nt = 0; nt < kMmaNT; ++nt) {
+      cp_async16(&s_w[warp][buf][0][nt][lane], Whi + (kc * kMmaNT + nt) * 32 + lane, 16);
+      cp_async16(&s_w[warp][buf][1][nt][lane], Wlo + (kc * kMmaNT + nt) * 32 + lane, 16);
+    }
+  };
   uint4 a[MT][2], next[MT][2] = {};
   int i_cur = 0;
   Index c_cur = my_begin;  // (stream, chunk) of the current iteration
-  if (iters > 0) load_a(0, my_begin, a);
+  if (iters > 0) load_a(0, my_begin, a), load_w(0, my_begin, 0);
+  __pipeline_commit();
   for (int it = 0; it < iters; ++it) {
     int i_next = i_cur;
     Index c_next = c_cur + 4;
     if (c_next >= c_end) c_next = my_begin, ++i_next;
-    if (it + 1 < iters) load_a(i_next, c_next, next);
-    const Index kc = i_cur * chunks + c_cur;
+    if (it + 1 < iters) load_a(i_next, c_next, next), load_w(i_next, c_next, (it + 1) & 1);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);  // this iteration's W fragments have landed
 #pragma unroll
     for (int nt = 0; nt < kMmaNT; ++nt) {
-      const uint4 bh = __ldg(Whi + (kc * kMmaNT + nt) * 32 + lane);
-      const uint4 bl = __ldg(Wlo + (kc * kMmaNT + nt) * 32 + lane);
+      const uint4 bh = s_w[warp][it & 1][0][nt][lane];
+      const uint4 bl = s_w[warp][it & 1][1][nt][lane];
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
 #pragma unroll
@@ -241,7 +264,8 @@ __global__ void __launch_bounds__(128)
     c_cur = c_next;
   }
 
-  __shared__ float red[4][kMmaTokens * P];
+  __syncthreads();  // every warp is done with its W buffer before `red` reuses the bytes
+  float(*red)[kMmaTokens * P] = reinterpret_cast<float(*)[kMmaTokens * P]>(s_raw);
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
@@ -706,11 +730,15 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, unsigned& hi, uns
   lo = *reinterpret_cast<const unsigned*>(&l);
 }
 
-/// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros (src is not read).
-__device__ __forceinline__ void cp_async16(void* smem, const void* src, int src_bytes) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
+/// 16 bytes of shared memory as four floats in one load (the compiler splits a float4 read of a
+/// computed shared address into four).
+__device__ __forceinline__ float4 lds_float4(const void* smem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(a));
+  return v;
 }
 
 /// Four transposed 8x8 bf16 tiles from shared memory (lane l gives the address of row l % 8 of
@@ -888,7 +916,7 @@ __global__ void __launch_bounds__(256, 2)
       const int t = g + 8 * h;
       if (b0 + t >= t_end) continue;
       const float beta = reinterpret_cast<const float*>(rg + kRecBeta)[t];
-      const float4 hp = reinterpret_cast<const float4*>(rg + kRecHpre)[t];
+      const float4 hp = lds_float4(rg + kRecHpre + 16 * t);
       const auto pair = [&](int row) {
         return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
             base + mma_swz(t, row, warp) + 4 * q));
@@ -897,12 +925,17 @@ __global__ void __launch_bounds__(256, 2)
       __nv_bfloat16* dst = dx_lane + (static_cast<Index>(st) * kMmaStage + 8 * h) * n * lddx;
 #pragma unroll
       for (int i = 0; i < n; ++i) {
-        const float4 ht = reinterpret_cast<const float4*>(rg + kRecHt)[t * 4 + i];
+        const float4 ht = lds_float4(rg + kRecHt + 16 * (t * 4 + i));
         const float hpi = i == 0 ? hp.x : i == 1 ? hp.y : i == 2 ? hp.z : hp.w;
         const float2 x = pair(n + i);
-        float2 o = make_float2(acc[i][2 * h], acc[i][2 * h + 1]);
-        o.x += ht.x * g0.x + ht.y * g1.x + ht.z * g2.x + ht.w * g3.x + hpi * d.x - beta * x.x;
-        o.y += ht.x * g0.y + ht.y * g1.y + ht.z * g2.y + ht.w * g3.y + hpi * d.y - beta * x.y;
+        float2 o;  // one fma per term, starting from P
+        o.x = fmaf(ht.x, g0.x, acc[i][2 * h]);
+        o.y = fmaf(ht.x, g0.y, acc[i][2 * h + 1]);
+        o.x = fmaf(ht.y, g1.x, o.x), o.y = fmaf(ht.y, g1.y, o.y);
+        o.x = fmaf(ht.z, g2.x, o.x), o.y = fmaf(ht.z, g2.y, o.y);
+        o.x = fmaf(ht.w, g3.x, o.x), o.y = fmaf(ht.w, g3.y, o.y);
+        o.x = fmaf(hpi, d.x, o.x), o.y = fmaf(hpi, d.y, o.y);
+        o.x = fmaf(-beta, x.x, o.x), o.y = fmaf(-beta, x.y, o.y);
         *reinterpret_cast<__nv_bfloat162*>(dst + i * lddx) = __floats2bfloat162_rn(o.x, o.y);
       }
     }
