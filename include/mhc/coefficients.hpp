@@ -13,20 +13,26 @@
 // projection, norm, d_X / d_W backward and static-only mode below are the same for all of them.
 //
 // v W and sum(v^2) come from ONE pass over X (12 tokens at a time for mHC with n = 4, so each row
-// of W read from cache serves 12 tokens); the norm is applied after the product. The per-token
-// mappings are the shared MHC_HOST_DEVICE kernels of detail/coefficient_kernel.hpp and
-// detail/variant_kernel.hpp (the CUDA operators use the same ones).
+// of W read from cache serves 12 tokens; with AVX-512 the register tile of
+// detail/projection_avx512.hpp takes two rows of W per step so that every FMA is 16 lanes wide);
+// the norm is applied after the product. The per-token mappings are the shared MHC_HOST_DEVICE
+// kernels of detail/coefficient_kernel.hpp and detail/variant_kernel.hpp (the CUDA operators use
+// the same ones), run for one SIMD register of tokens at a time (structure of arrays) when n is
+// fixed at compile time.
 //
 // Backward (G_h = dL/dh_pre, dL/dh_post, dL/dH_res per token):
 //   dz = alpha * da  (the mapping's backward; for mHC the gates and the exact t_max-step Sinkhorn
 //                     backward, recomputing its iterates from z)
 //   g = dz / r;   dW = sum_t v_t^T g_t;   dv_t = W g_t - v_t (z_t . g_t) / (nC r_t)   (d_X +=)
 //   d_alpha = sum_t sum(da_t * z_t) per group;   d_b = sum_t da_t.
+// d_X and d_W come from ONE fused pass over X and d_X: each job owns a block of K = nC (2 KB of
+// columns of one stream row) and walks all tokens in token order (see grad_block).
 //
 // Cache: the forward writes r (T, 1) and z (T, M) (M + 1 values per token, caller-owned); the
 // backward reads them and recomputes the Sinkhorn iterates per token (no t_max * n^2 storage).
-// Workspace: the backward needs workspace_size(T, n, C) Real values from the caller (per-token
-// g, da, dalpha and a transposed copy of W); nothing is heap-allocated inside.
+// Workspace: the backward needs workspace_size(T, n, C) = T (2M + 4) + 2 M n Cp Real values from
+// the caller (Cp = C rounded up to a multiple of 16): per token g, da, dalpha, beta; W packed in
+// strips; the d_W accumulators in the same strips. Nothing is heap-allocated inside.
 // Determinism: per-token values are computed independently; the sums over tokens (dW, d_alpha,
 // d_b) run in token order for every output element, so results are bitwise identical for any
 // number of OpenMP threads.
@@ -41,6 +47,7 @@
 
 #include "mhc/detail/coefficient_kernel.hpp"
 #include "mhc/detail/operator_support.hpp"
+#include "mhc/detail/projection_avx512.hpp"
 #include "mhc/variants.hpp"
 
 namespace mhc {
@@ -125,9 +132,13 @@ struct CoefficientKernels {
   static constexpr int kAccPackets = (kMaxM + kPacket - 1) / kPacket;  // per token, forward
   static constexpr int kTileTokens =  // tokens per tile of the forward projection (12 for n = 4)
       N == Dynamic ? 8 : std::max(1, std::min(12, 24 / kAccPackets));
-  static constexpr int kGradColumnBlock = 32;  // columns per block of the d_X pass
-  static constexpr int kGradTileTokens =       // tokens per tile of the d_X pass (12 for float)
-      std::max(1, std::min(12, 24 / std::max(1, kGradColumnBlock / kPacket)));
+  // The fused d_X / d_W pass: columns of X per job, tokens per chunk, chunks prefetched ahead,
+  // and lines prefetched per strip-token step (a row has about w / kPacket strips and
+  // w * sizeof(Scalar) / 64 lines of each of X and d_X).
+  static constexpr int kGradBlock = 2048 / int(sizeof(Real));
+  static constexpr int kChunkTokens = 16;
+  static constexpr int kPrefetchChunks = 1;
+  static constexpr int kPrefetchPerStep = int(kPacket * sizeof(Scalar) / 64) + 1;
   using Accumulator =
       std::conditional_t<N == Dynamic, DynamicAccumulator<Real, kMaxM>,
                          SplitAccumulator<Real, Mapping::coefficient_count(N > 0 ? N : 1)>>;
@@ -136,16 +147,176 @@ struct CoefficientKernels {
     return {p.alpha[0], p.alpha[1], p.alpha[2], p.b_pre.data(), p.b_post.data(), p.b_res.data()};
   }
 
-  /// Forward for tokens [t0, t0 + TB): the projection and sum of squares in one pass over their
-  /// rows of X, then r, z and the coefficients per token.
+  /// r and z (= the projection / r) of token `tok`, from its sum of squares and
+  /// `store_z(zt, 1 / r)`, which writes z_t.
+  template <typename StoreZ>
+  static void finish_token(const CoefficientParams<Real>& p, int n, Index C, Index tok, Real ss,
+                           StoreZ&& store_z, BatchRef<Real>& r, BatchRef<Real>& z) {
+    const Real nC = Real(n) * Real(C);
+    const Real mean_square = C > 0 ? ss / nC : Real(0);
+    const Real rt = std::sqrt(mean_square + p.eps);
+    r(tok, 0) = rt;
+    store_z(detail::at(z, tok, 0), Real(1) / rt);
+  }
+
+  /// Tokens per lane group of the per-token mappings (one SIMD register of tokens).
+  static constexpr int kLanes = kPacket;
+  /// Tokens per forward job: whole projection tiles and whole lane groups.
+  static constexpr int kGroupTokens = 48;
+
+  /// The mapping z -> (h_pre, h_post, H_res) of tokens [t0, t0 + count), count <= kLanes, all at
+  /// once as a structure-of-arrays tile (lanes >= count get z = 0 and are not stored). For a
+  /// run-time n, one token at a time.
+  static void map_forward(const CoefficientParams<Real>& p, int n, Index t0, Index count,
+                          const BatchRef<Real>& z, BatchRef<Real>& h_pre, BatchRef<Real>& h_post,
+                          BatchRef<Real>& H_res) {
+    if constexpr (N != Dynamic) {
+      using Lane = Eigen::Array<Real, kLanes, 1>;
+      constexpr int M = kFixedM;
+      constexpr int kS = std::max(1, Mapping::scratch_count(N, 0));
+      Lane zl[M], hp[N], hq[N], H[N * N], scratch[kS];
+      for (int m = 0; m < M; ++m) zl[m].setZero();
+      for (Index l = 0; l < count; ++l)
+        for (int m = 0; m < M; ++m) zl[m][l] = z(t0 + l, m);
+      Mapping::template forward<N>(N, p.iterations, static_cast<const Lane*>(zl), gates(p), hp, hq,
+                                   H, scratch);
+      for (Index l = 0; l < count; ++l) {
+        for (int i = 0; i < N; ++i) {
+          h_pre(t0 + l, i) = hp[i][l];
+          h_post(t0 + l, i) = hq[i][l];
+        }
+        for (int k = 0; k < N * N; ++k) H_res(t0 + l, k) = H[k][l];
+      }
+    } else {
+      Real scratch[kScratch];
+      for (Index tok = t0; tok < t0 + count; ++tok)
+        Mapping::template forward<N>(n, p.iterations,
+                                     static_cast<const Real*>(detail::at(z, tok, 0)), gates(p),
+                                     detail::at(h_pre, tok, 0), detail::at(h_post, tok, 0),
+                                     detail::at(H_res, tok, 0), scratch);
+    }
+  }
+
+  /// Sinkhorn iterations up to which the backward runs its mappings kLanes tokens at a time
+  /// (the per-lane scratch holds the iterates' sums: 2 * iterations * n lanes on the stack).
+  static constexpr int kLaneIterations = 32;
+  static bool lanes_backward(int iterations) {
+    return N != Dynamic && iterations <= kLaneIterations;
+  }
+
+  /// Per-token backward of the mapping for tokens [t0, t0 + count), count <= kLanes, as a
+  /// structure-of-arrays tile (padding lanes: z = 0, zero gradients; not stored). Writes per
+  /// token at g + t*ldg: dz (M, scaled by 1/r by the caller) | da (M) | dalpha (3).
+  static void map_backward_lanes(const CoefficientParams<Real>& p, Index t0, Index count,
+                                 const ConstBatchRef<Real>& z, const ConstBatchRef<Real>& d_h_pre,
+                                 const ConstBatchRef<Real>& d_h_post,
+                                 const ConstBatchRef<Real>& d_H_res, Real* g, Index ldg) {
+    if constexpr (N != Dynamic) {
+      using Lane = Eigen::Array<Real, kLanes, 1>;
+      constexpr int M = kFixedM;
+      constexpr int R = M - 2 * N;
+      constexpr int kS = std::max(1, Mapping::scratch_count(N, kLaneIterations));
+      Lane zl[M], dhp[N], dhq[N], dH[N * N], dz[M], da[M + 3], scratch[kS];
+      for (int m = 0; m < M; ++m) zl[m].setZero();
+      for (int k = 0; k < N; ++k) dhp[k].setZero(), dhq[k].setZero();
+      for (int k = 0; k < N * N; ++k) dH[k].setZero();
+      for (int k = 0; k < M + 3; ++k) da[k].setZero();
+      for (Index l = 0; l < count; ++l) {
+        for (int m = 0; m < M; ++m) zl[m][l] = z(t0 + l, m);
+        for (int k = 0; k < N; ++k) dhp[k][l] = d_h_pre(t0 + l, k), dhq[k][l] = d_h_post(t0 + l, k);
+        for (int k = 0; k < N * N; ++k) dH[k][l] = d_H_res(t0 + l, k);
+      }
+      Mapping::template backward<N>(N, p.iterations, static_cast<const Lane*>(zl), gates(p),
+                                    static_cast<const Lane*>(dhp), static_cast<const Lane*>(dhq),
+                                    static_cast<const Lane*>(dH), dz, da + M, da, da + N,
+                                    da + 2 * N, scratch);
+      for (Index l = 0; l < count; ++l) {
+        Real* gt = g + (t0 + l) * ldg;
+        for (int m = 0; m < M; ++m) gt[m] = dz[m][l];
+        for (int k = 0; k < M + 3; ++k) gt[M + k] = da[k][l];
+      }
+      (void)R;
+    } else {
+      (void)p, (void)t0, (void)count, (void)z, (void)d_h_pre, (void)d_h_post, (void)d_H_res;
+      (void)g, (void)ldg;
+    }
+  }
+
+  /// The same for one token (any n, any number of iterations).
+  static void map_backward_token(const CoefficientParams<Real>& p, int n, Index t,
+                                 const ConstBatchRef<Real>& z, const ConstBatchRef<Real>& d_h_pre,
+                                 const ConstBatchRef<Real>& d_h_post,
+                                 const ConstBatchRef<Real>& d_H_res, Real* g, Index ldg) {
+    const int M = Mapping::coefficient_count(n);
+    Real* gt = g + t * ldg;
+    Real* da = gt + M;
+    for (Index k = 0; k < M + 3; ++k) da[k] = Real(0);
+    Real scratch[kScratch];
+    Mapping::template backward<N>(n, p.iterations, detail::at(z, t, 0), gates(p),
+                                  detail::at(d_h_pre, t, 0), detail::at(d_h_post, t, 0),
+                                  detail::at(d_H_res, t, 0), gt, da + M, da, da + n, da + 2 * n,
+                                  scratch);
+  }
+
+  /// Column blocks of X prefetched ahead by the forward tile.
+  static constexpr int kPrefetchBlocks = 4;
+  /// Projection width for a compile-time n (0 for Dynamic).
+  static constexpr int kFixedM = N == Dynamic ? 0 : Mapping::coefficient_count(N > 0 ? N : 1);
+
+#if defined(MHC_HAVE_AVX512_KERNELS)
+  /// Whether the AVX-512 register tile (detail/projection_avx512.hpp) serves a tile of TB tokens.
+  template <int TB>
+  static constexpr bool kAvx512Tile = std::is_same<Real, float>::value && kFixedM > 0 &&
+                                      kFixedM % 8 == 0 &&
+                                      TB * (kFixedM / 16 + (kFixedM % 16) / 8) <= 24;
+#endif
+
+  /// Projection for tokens [t0, t0 + TB): the product and sum of squares in one pass over their
+  /// rows of X, then r and z per token.
   template <int TB>
   static void forward_tile(const ConstBatchRef<Scalar>& X, const CoefficientParams<Real>& p,
-                           int n_rt, Index t0, BatchRef<Real>& h_pre, BatchRef<Real>& h_post,
-                           BatchRef<Real>& H_res, BatchRef<Real>& r, BatchRef<Real>& z) {
+                           int n_rt, Index t0, BatchRef<Real>& r, BatchRef<Real>& z) {
     const int n = N == Dynamic ? n_rt : N;
     const Index C = X.cols();
     const int M = Mapping::coefficient_count(n);
     const Index ldw = p.W.outerStride();
+#if defined(MHC_HAVE_AVX512_KERNELS)
+    if constexpr (kAvx512Tile<TB>) {
+      ProjectionTileAvx512<TB, kFixedM / 16, (kFixedM % 16) / 8> tile;
+      tile.set_zero();
+      for (int i = 0; i < n; ++i) {
+        for_each_column_block(C, [&](Index c0, auto, Index w) {
+          const float* v[TB];
+          [[maybe_unused]] alignas(64) float converted[TB][kColumnBlock];
+          for (int t = 0; t < TB; ++t) {
+            const Scalar* src = detail::at(X, (t0 + t) * n + i, c0);
+            // The TB rows are TB separate streams: fetch kPrefetchBlocks blocks ahead.
+            const char* ahead = reinterpret_cast<const char*>(src + kPrefetchBlocks * kColumnBlock);
+            for (int line = 0; line < int(kColumnBlock * sizeof(Scalar)); line += 64)
+              prefetch(ahead + line);
+            if constexpr (std::is_same<Scalar, float>::value) {
+              v[t] = src;
+            } else {
+              bf16_to_float(src, converted[t], w);
+              v[t] = converted[t];
+            }
+          }
+          tile.accumulate(detail::at(p.W, Index(i) * C + c0, 0), ldw, v, w);
+        });
+      }
+      for (int t = 0; t < TB; ++t) {
+        alignas(64) float proj[kFixedM];
+        const float ss = tile.finish(t, proj);
+        finish_token(
+            p, n, C, t0 + t, ss,
+            [&](float* zt, float scale) {
+              for (int m = 0; m < kFixedM; ++m) zt[m] = proj[m] * scale;
+            },
+            r, z);
+      }
+      return;
+    }
+#endif
     Accumulator acc[TB];
     Real ss[TB];
     for (int t = 0; t < TB; ++t) {
@@ -175,19 +346,10 @@ struct CoefficientKernels {
           for (int t = 0; t < TB; ++t) acc[t].fma(wk, v[t][c]);
       });
     }
-    const Real nC = Real(n) * Real(C);
-    Real scratch[kScratch];
-    for (int t = 0; t < TB; ++t) {
-      const Index tok = t0 + t;
-      const Real mean_square = C > 0 ? ss[t] / nC : Real(0);
-      const Real rt = std::sqrt(mean_square + p.eps);
-      r(tok, 0) = rt;
-      Real* zt = detail::at(z, tok, 0);
-      acc[t].store_scaled(zt, Real(1) / rt);
-      Mapping::template forward<N>(n, p.iterations, static_cast<const Real*>(zt), gates(p),
-                                   detail::at(h_pre, tok, 0), detail::at(h_post, tok, 0),
-                                   detail::at(H_res, tok, 0), scratch);
-    }
+    for (int t = 0; t < TB; ++t)
+      finish_token(
+          p, n, C, t0 + t, ss[t], [&](Real* zt, Real scale) { acc[t].store_scaled(zt, scale); },
+          r, z);
   }
 
   using Packet = typename Eigen::internal::packet_traits<Real>::type;
@@ -197,6 +359,11 @@ struct CoefficientKernels {
     if constexpr (std::is_same<Scalar, Real>::value) {
       (void)buf;
       return Eigen::internal::ploadu<Packet>(src);
+#if defined(MHC_HAVE_AVX512_KERNELS)
+    } else if constexpr (kPacket == 16) {
+      (void)buf;
+      return bf16x16_load(src);
+#endif
     } else {
       Eigen::Map<Eigen::Array<Real, 1, kPacket>>(buf, kPacket) =
           load_row<Real, kPacket>(src, kPacket);
@@ -204,108 +371,163 @@ struct CoefficientKernels {
     }
   }
 
-  /// d_X += W g_t - v_t beta_t for tokens [t0, t0 + TB), with Wt = W^T (M, nC) contiguous,
-  /// g (T, ldg) and beta_t = (z_t . g_t) / (nC r_t). Full kGradColumnBlock-wide blocks keep the
-  /// TB x (block / kPacket) accumulators in registers; the tail block goes through Eigen arrays.
-  template <int TB>
-  static void dx_tile(const ConstBatchRef<Scalar>& X, int n_rt, Index t0, const Real* Wt,
-                      const Real* g, Index ldg, const Real* beta, BatchRef<Scalar>& d_X) {
-    using namespace Eigen::internal;
-    const int n = N == Dynamic ? n_rt : N;
-    const Index C = X.cols();
-    const Index nC = Index(n) * C;
-    const int M = Mapping::coefficient_count(n);
-    constexpr int kVec = kGradColumnBlock / kPacket;
-    for (int i = 0; i < n; ++i) {
-      for_each_column_block<kGradColumnBlock>(C, [&](Index c0, auto width_tag, Index w) {
-        constexpr int W = decltype(width_tag)::value;
-        const Real* wt = Wt + Index(i) * C + c0;
-        if constexpr (W == kGradColumnBlock && kGradColumnBlock % kPacket == 0) {
-          [[maybe_unused]] Real buf[kPacket];
-          Packet acc[TB][kVec];
-          for (int t = 0; t < TB; ++t) {
-            const Scalar* src = detail::at(X, (t0 + t) * n + i, c0);
-            const Packet nb = pset1<Packet>(-beta[t]);
-            for (int q = 0; q < kVec; ++q)
-              acc[t][q] = pmul(nb, load_packet(src + q * kPacket, buf));
-          }
-          for (int m = 0; m < M; ++m, wt += nC) {
-            Packet wm[kVec];
-            for (int q = 0; q < kVec; ++q) wm[q] = ploadu<Packet>(wt + q * kPacket);
-            for (int t = 0; t < TB; ++t) {
-              const Packet gb = pset1<Packet>(g[(t0 + t) * ldg + m]);
-              for (int q = 0; q < kVec; ++q) acc[t][q] = pmadd(gb, wm[q], acc[t][q]);
-            }
-          }
-          for (int t = 0; t < TB; ++t) {
-            Scalar* dst = detail::at(d_X, (t0 + t) * n + i, c0);
-            for (int q = 0; q < kVec; ++q) {
-              const Packet sum = padd(load_packet(dst + q * kPacket, buf), acc[t][q]);
-              if constexpr (std::is_same<Scalar, Real>::value) {
-                pstoreu(dst + q * kPacket, sum);
-              } else {
-                pstoreu(buf, sum);
-                store_row<kPacket>(dst + q * kPacket, kPacket,
-                                   Eigen::Map<const Eigen::Array<Real, 1, kPacket>>(buf));
-              }
-            }
-          }
-        } else {
-          BlockRow<Real, Eigen::Dynamic, kGradColumnBlock> acc[TB];
-          for (int t = 0; t < TB; ++t)
-            acc[t] =
-                -beta[t] * load_row<Real, Eigen::Dynamic>(detail::at(X, (t0 + t) * n + i, c0), w);
-          for (int m = 0; m < M; ++m, wt += nC) {
-            const Eigen::Map<const Eigen::Array<Real, 1, Eigen::Dynamic>> wm(wt, w);
-            for (int t = 0; t < TB; ++t) acc[t] += g[(t0 + t) * ldg + m] * wm;
-          }
-          for (int t = 0; t < TB; ++t) {
-            Scalar* dst = detail::at(d_X, (t0 + t) * n + i, c0);
-            store_row<Eigen::Dynamic>(dst, w, load_row<Real, Eigen::Dynamic>(dst, w) + acc[t]);
-          }
-        }
-      });
+  /// Stores a packet of compute-type values into kPacket storage elements at dst.
+  static void store_packet(Scalar* dst, const Packet& value, Real* buf) {
+    if constexpr (std::is_same<Scalar, Real>::value) {
+      (void)buf;
+      Eigen::internal::pstoreu(dst, value);
+#if defined(MHC_HAVE_AVX512_KERNELS)
+    } else if constexpr (kPacket == 16) {
+      (void)buf;
+      bf16x16_store(dst, value);
+#endif
+    } else {
+      Eigen::internal::pstoreu(buf, value);
+      store_row<kPacket>(dst, kPacket, Eigen::Map<const Eigen::Array<Real, 1, kPacket>>(buf));
     }
   }
 
-  /// d_W rows [k0, k0 + w) (w <= kPacket, all in row i of X, columns c0..): sum over every token,
-  /// in token order, of v_t[k] g_t. The M packet accumulators stay in registers for fixed n.
-  static void dw_block(const ConstBatchRef<Scalar>& X, int n_rt, int i, Index c0, Index w,
-                       const Real* g, Index ldg, BatchRef<Real>& d_W) {
+  /// Columns of a stream row rounded up to a multiple of kStripPad: the packed W^T / d_W^T
+  /// strips of the backward workspace (any packet width up to 16 floats divides it).
+  static constexpr int kStripPad = 16;
+  static Index padded_columns(Index C) { return (C + kStripPad - 1) / kStripPad * kStripPad; }
+
+  /// Packs W (nC, M) into strips: for stream row i and column strip c (a multiple of kPacket),
+  /// the M x kPacket block Wp[(i*Cp + c)*M + m*kPacket + lane] = W[i*C + c + lane][m] (0 past C).
+  static void pack_strips(const ConstBatchRef<Real>& W, int n, Index C, Index i_strip, Real* Wp) {
+    const Index Cp = padded_columns(C);
+    const Index strips_per_row = Cp / kPacket;
+    const Index i = i_strip / strips_per_row;
+    const Index c = (i_strip % strips_per_row) * kPacket;
+    const int M = static_cast<int>(W.cols());
+    Real* dst = Wp + (i * Cp + c) * M;
+    for (int lane = 0; lane < kPacket; ++lane) {
+      const bool inside = c + lane < C;
+      const Real* row = inside ? detail::at(W, i * C + c + lane, 0) : nullptr;
+      for (int m = 0; m < M; ++m) dst[m * kPacket + lane] = inside ? row[m] : Real(0);
+    }
+    (void)n;
+  }
+
+  /// The fused d_X / d_W pass over one block of K = n*C (columns [c0, c0 + w) of stream row i,
+  /// k = i*C + c, c0 a multiple of kGradBlock, w <= kGradBlock), for EVERY token in token order:
+  ///   d_X_t[k] += sum_m W[k][m] g_t[m] - v_t[k] beta_t          (each element once)
+  ///   d_W[k][m] = sum_t v_t[k] g_t[m]                          (token order per element)
+  /// Wp = W in strips (pack_strips) and dWp (same layout) are workspace; per token, g (M) at
+  /// g + t*ldg and beta_t at g + t*ldg + beta_offset.
+  ///
+  /// Tokens go in chunks of kChunkTokens. Each kPacket-wide strip holds its M d_W accumulators in
+  /// registers over the chunk's tokens (kept in dWp between chunks) and reads its M x kPacket
+  /// block of W (contiguous, from L1) per token, and one packet of X and of d_X per token. The
+  /// chunk kPrefetchChunks ahead is prefetched into L2 row by row (DRAM-friendly) while the
+  /// strips run, kPrefetchPerStep lines per strip-token step. At the end the block of dWp goes
+  /// to d_W.
+  static void grad_block(const ConstBatchRef<Scalar>& X, int n_rt, int i, Index c0, Index w,
+                         const Real* Wp, Real* dWp, const Real* g, Index ldg, Index beta_offset,
+                         BatchRef<Scalar>& d_X, BatchRef<Real>& d_W) {
     using namespace Eigen::internal;
     const int n = N == Dynamic ? n_rt : N;
     const Index T = X.rows() / n;
+    const Index C = X.cols();
+    const Index Cp = padded_columns(C);
     const int M = Mapping::coefficient_count(n);
     constexpr int kAccs = N == Dynamic ? kMaxM : Mapping::coefficient_count(N > 0 ? N : 1);
-    Packet acc[kAccs];
-    for (int m = 0; m < M; ++m) acc[m] = pset1<Packet>(Real(0));
-    alignas(64) Real buf[kPacket] = {};
-    constexpr Index kAhead = 8;  // tokens prefetched ahead: the walk strides by a whole token
-    for (Index t = 0; t < T; ++t) {
-      if (t + kAhead < T) prefetch(detail::at(X, (t + kAhead) * n + i, c0));
-      const Scalar* src = detail::at(X, t * n + i, c0);
-      Packet v;
-      if (w == kPacket) {
-        v = load_packet(src, buf);
-      } else {
-        Eigen::Map<Eigen::Array<Real, 1, Eigen::Dynamic>>(buf, w) =
-            load_row<Real, Eigen::Dynamic>(src, w);
-        v = ploadu<Packet>(buf);  // lanes >= w stay 0
-      }
-      const Real* gt = g + t * ldg;
-      if constexpr (N == Dynamic) {
-        for (int m = 0; m < M; ++m) acc[m] = pmadd(pset1<Packet>(gt[m]), v, acc[m]);
-      } else {
+    constexpr int TC = kChunkTokens;
+    alignas(64) Real buf[kPacket];
+    // Prefetch cursor: the next line (token t, byte offset b of its row segment) to fetch.
+    const Index row_bytes = w * Index(sizeof(Scalar)) + 64;
+    struct Cursor {
+      Index t, b;
+    };
+    const auto prefetch_next = [&](Cursor& q) {
+      if (q.t >= T) return;
+      prefetch_l2(reinterpret_cast<const char*>(detail::at(X, q.t * n + i, c0)) + q.b);
+      prefetch_l2(reinterpret_cast<const char*>(detail::at(d_X, q.t * n + i, c0)) + q.b);
+      q.b += 64;
+      if (q.b >= row_bytes) q.b = 0, ++q.t;
+    };
+    Cursor ahead{0, 0};
+    while (ahead.t < std::min<Index>(T, Index(TC) * kPrefetchChunks)) prefetch_next(ahead);
+    for (Index t0 = 0; t0 < T; t0 += TC) {
+      const Index t1 = std::min<Index>(T, t0 + TC);
+      for (Index s = 0; s < w; s += kPacket) {
+        const Index ws = std::min<Index>(kPacket, w - s);  // < kPacket: the row's last strip
+        const Real* wp = Wp + (Index(i) * Cp + c0 + s) * M;
+        Real* dwp = dWp + (Index(i) * Cp + c0 + s) * M;
+        // For a fixed n every loop over m has the compile-time bound kAccs (= M) and is unrolled,
+        // so that acc stays in registers.
+        const int MA = N == Dynamic ? M : kAccs;
+        Packet acc[kAccs];
+        if (t0 == 0) {
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC unroll 128
 #endif
-        for (int m = 0; m < kAccs; ++m) acc[m] = pmadd(pset1<Packet>(gt[m]), v, acc[m]);
+          for (int m = 0; m < MA; ++m) acc[m] = pset1<Packet>(Real(0));
+        } else {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 128
+#endif
+          for (int m = 0; m < MA; ++m) acc[m] = ploadu<Packet>(dwp + m * kPacket);
+        }
+        for (Index t = t0; t < t1; ++t) {
+          for (int q = 0; q < kPrefetchPerStep; ++q) prefetch_next(ahead);
+          const Scalar* src = detail::at(X, t * n + i, c0 + s);
+          Scalar* dst = detail::at(d_X, t * n + i, c0 + s);
+          const Real* gt = g + t * ldg;
+          Packet v, dxo;
+          if (ws == kPacket) {
+            v = load_packet(src, buf);
+            dxo = load_packet(dst, buf);
+          } else {  // lanes >= ws are 0
+            Eigen::Map<Eigen::Array<Real, 1, kPacket>>(buf).setZero();
+            Eigen::Map<Eigen::Array<Real, 1, Eigen::Dynamic>>(buf, ws) =
+                load_row<Real, Eigen::Dynamic>(src, ws);
+            v = pload<Packet>(buf);
+            Eigen::Map<Eigen::Array<Real, 1, Eigen::Dynamic>>(buf, ws) =
+                load_row<Real, Eigen::Dynamic>(dst, ws);
+            dxo = pload<Packet>(buf);
+          }
+          // four partial sums (m mod 4) shorten the dependency chain of the d_X sum
+          Packet dx[4] = {pmul(pset1<Packet>(-gt[beta_offset]), v), pset1<Packet>(Real(0)),
+                          pset1<Packet>(Real(0)), pset1<Packet>(Real(0))};
+          if constexpr (N == Dynamic) {
+            for (int m = 0; m < M; ++m) {
+              const Packet gm = pset1<Packet>(gt[m]);
+              dx[m % 4] = pmadd(gm, ploadu<Packet>(wp + m * kPacket), dx[m % 4]);
+              acc[m] = pmadd(gm, v, acc[m]);
+            }
+          } else {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 128
+#endif
+            for (int m = 0; m < kAccs; ++m) {
+              const Packet gm = pset1<Packet>(gt[m]);
+              dx[m % 4] = pmadd(gm, ploadu<Packet>(wp + m * kPacket), dx[m % 4]);
+              acc[m] = pmadd(gm, v, acc[m]);
+            }
+          }
+          const Packet sum = padd(dxo, padd(padd(dx[0], dx[1]), padd(dx[2], dx[3])));
+          if (ws == kPacket) {
+            store_packet(dst, sum, buf);
+          } else {
+            pstore(buf, sum);
+            store_row<Eigen::Dynamic>(
+                dst, ws, Eigen::Map<const Eigen::Array<Real, 1, Eigen::Dynamic>>(buf, ws));
+          }
+        }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 128
+#endif
+        for (int m = 0; m < MA; ++m) pstoreu(dwp + m * kPacket, acc[m]);
       }
+      // keep the prefetch kPrefetchChunks chunks ahead (short chunks take fewer steps)
+      while (ahead.t < std::min<Index>(T, t1 + Index(TC) * kPrefetchChunks)) prefetch_next(ahead);
     }
-    const Index k0 = Index(i) * X.cols() + c0;
-    for (int m = 0; m < M; ++m) {
-      pstoreu(buf, acc[m]);
-      for (Index c = 0; c < w; ++c) d_W(k0 + c, m) = buf[c];
+    for (Index s = 0; s < w; s += kPacket) {
+      const Real* dwp = dWp + (Index(i) * Cp + c0 + s) * M;
+      const Index k0 = Index(i) * C + c0 + s;
+      for (Index lane = 0; lane < std::min<Index>(kPacket, w - s); ++lane)
+        for (int m = 0; m < M; ++m) d_W(k0 + lane, m) = dwp[m * kPacket + lane];
     }
   }
 };
@@ -339,7 +561,8 @@ struct Coefficients {
   static Index workspace_size(Index T, int n, Index C, bool static_only = false) {
     if (static_only) return 0;
     const Index M = projection_size(n);
-    return T * (2 * M + 3) + M * Index(n) * C;
+    using K = detail::CoefficientKernels<Scalar, N, Mapping>;
+    return T * (2 * M + 4) + 2 * M * Index(n) * K::padded_columns(C);
   }
 
   /// Forward. X (T*n, C) Scalar. Outputs, Real: h_pre (T, n), h_post (T, n), H_res (T, n*n), and
@@ -377,17 +600,19 @@ struct Coefficients {
     for (const auto& o : outputs)
       if (range_overlaps(o, detail::byte_range(X)))
         detail::throw_invalid(where, "an output overlaps X");
+    // Jobs of kGroupTokens tokens: projection tiles of TB tokens (then single tokens), then the
+    // mappings kLanes tokens at a time.
     constexpr int TB = K::kTileTokens;
-    const Index full_tiles = T / TB;
-    const Index jobs = full_tiles + (T - full_tiles * TB);
-    detail::for_each_parallel(
-        jobs, T * Index(n) * X.cols() * M / std::max<Index>(1, jobs), [&](Index job) {
-          if (job < full_tiles)
-            K::template forward_tile<TB>(X, p, n, job * TB, h_pre, h_post, H_res, r, z);
-          else
-            K::template forward_tile<1>(X, p, n, full_tiles * TB + (job - full_tiles), h_pre,
-                                        h_post, H_res, r, z);
-        });
+    constexpr int G = K::kGroupTokens;
+    const Index jobs = (T + G - 1) / G;
+    detail::for_each_parallel(jobs, Index(G) * n * X.cols() * M, [&](Index job) {
+      const Index t0 = job * G, t1 = std::min(T, t0 + G);
+      Index t = t0;
+      for (; t + TB <= t1; t += TB) K::template forward_tile<TB>(X, p, n, t, r, z);
+      for (; t < t1; ++t) K::template forward_tile<1>(X, p, n, t, r, z);
+      for (t = t0; t < t1; t += K::kLanes)
+        K::map_forward(p, n, t, std::min<Index>(K::kLanes, t1 - t), z, h_pre, h_post, H_res);
+    });
   }
 
   /// Backward. Inputs as the forward plus its cache r, z and the coefficient gradients
@@ -493,26 +718,39 @@ struct Coefficients {
                                     grads.d_b_res.data(), scratch);
       return;
     }
-    // Workspace layout: per token [g (M) | da (M) = (pre n | post n | res R) | dalpha (3)],
-    // then W^T (M, nC).
-    const Index ldg = 2 * M + 3;
+    // Workspace layout: per token [g (M) | da (M) = (pre n | post n | res R) | dalpha (3) |
+    // beta (1)], then W^T (M, nC), then the d_W^T accumulators (M, nC).
+    const Index ldg = 2 * M + 4;
+    const Index beta_offset = 2 * M + 3;
     Real* g = workspace.data();
-    Real* Wt = g + T * ldg;
     const Index nC = Index(n) * C;
-    // Pass 1, per token: da and dz from the gate/Sinkhorn backward, g = dz / r.
-    detail::for_each_parallel(T, M * p.iterations * 8, [&](Index t) {
-      Real* gt = g + t * ldg;
-      Real* da = gt + M;
-      Real* dalpha = da + M;
-      for (Index k = 0; k < M + 3; ++k) da[k] = Real(0);
-      Real scratch_t[K::kScratch];
-      Real dzt[K::kMaxM];
-      Mapping::template backward<N>(n, p.iterations, detail::at(z, t, 0), gp,
-                                    detail::at(d_h_pre, t, 0), detail::at(d_h_post, t, 0),
-                                    detail::at(d_H_res, t, 0), dzt, dalpha, da, da + n, da + 2 * n,
-                                    scratch_t);
-      const Real inv_r = Real(1) / r(t, 0);
-      for (Index m = 0; m < M; ++m) gt[m] = dzt[m] * inv_r;
+    const Index Cp = K::padded_columns(C);
+    Real* Wp = g + T * ldg;
+    Real* dWp = Wp + M * Index(n) * Cp;
+    // Pass 1, per token (kLanes tokens at a time for a fixed n): da and dz from the gate/Sinkhorn
+    // backward, g = dz / r, beta = (z . g) / (nC r).
+    const bool lanes = K::lanes_backward(p.iterations);
+    const Index groups = lanes ? (T + K::kLanes - 1) / K::kLanes : T;
+    const Index work = M * p.iterations * 8 * (lanes ? K::kLanes : 1);
+    detail::for_each_parallel(groups, work, [&](Index job) {
+      if (lanes) {
+        const Index t0 = job * K::kLanes;
+        K::map_backward_lanes(p, t0, std::min<Index>(K::kLanes, T - t0), z, d_h_pre, d_h_post,
+                              d_H_res, g, ldg);
+      } else {
+        K::map_backward_token(p, n, job, z, d_h_pre, d_h_post, d_H_res, g, ldg);
+      }
+      const Index t_end = lanes ? std::min<Index>(T, (job + 1) * K::kLanes) : job + 1;
+      for (Index t = lanes ? job * K::kLanes : job; t < t_end; ++t) {
+        Real* gt = g + t * ldg;
+        const Real inv_r = Real(1) / r(t, 0);
+        Real zg = Real(0);
+        for (Index m = 0; m < M; ++m) {
+          gt[m] *= inv_r;  // dz / r
+          zg += z(t, m) * gt[m];
+        }
+        gt[beta_offset] = zg / (Real(nC) * r(t, 0));
+      }
     });
     // Parameter sums over tokens, in token order.
     grads.d_alpha.setZero();
@@ -528,35 +766,19 @@ struct Coefficients {
       }
       for (Index k = 0; k < res_size(n); ++k) grads.d_b_res[k] += da[2 * n + k];
     }
-    // W^T (M, nC) so that the d_X pass streams rows of it.
-    detail::for_each_parallel(M, nC, [&](Index m) {
-      for (Index k = 0; k < nC; ++k) Wt[m * nC + k] = p.W(k, m);
+    // W in strips of kPacket columns (M x kPacket blocks, contiguous): the fused pass reads one
+    // such block per token.
+    detail::for_each_parallel(Index(n) * (Cp / K::kPacket), M * K::kPacket, [&](Index strip) {
+      K::pack_strips(p.W, n, C, strip, Wp);
     });
-    // Pass 2, per token tile: d_X += W g_t - v_t (z_t . g_t) / (nC r_t).
-    constexpr int TB = K::kGradTileTokens;
-    const Index full_tiles = T / TB;
-    const Index jobs = full_tiles + (T - full_tiles * TB);
-    detail::for_each_parallel(jobs, T * nC * M / std::max<Index>(1, jobs), [&](Index job) {
-      const bool full = job < full_tiles;
-      const Index t0 = full ? job * TB : full_tiles * TB + (job - full_tiles);
-      Real beta[TB];
-      for (int t = 0; t < (full ? TB : 1); ++t) {
-        const Index tok = t0 + t;
-        Real zg = Real(0);
-        for (Index m = 0; m < M; ++m) zg += z(tok, m) * g[tok * ldg + m];
-        beta[t] = zg / (Real(nC) * r(tok, 0));
-      }
-      if (full)
-        K::template dx_tile<TB>(X, n, t0, Wt, g, ldg, beta, d_X);
-      else
-        K::template dx_tile<1>(X, n, t0, Wt, g, ldg, beta, d_X);
-    });
-    // Pass 3, per packet of W rows: d_W = sum_t v_t^T g_t (token order per element).
-    const Index blocks_per_row = (C + K::kPacket - 1) / K::kPacket;
-    detail::for_each_parallel(Index(n) * blocks_per_row, T * K::kPacket * M, [&](Index job) {
+    // Pass 2, per block of K (kGradBlock columns of one stream row), all tokens in token order:
+    // d_X += W g_t - v_t beta_t and d_W = sum_t v_t^T g_t, X and d_X streamed once.
+    const Index blocks_per_row = (C + K::kGradBlock - 1) / K::kGradBlock;
+    detail::for_each_parallel(Index(n) * blocks_per_row, T * K::kGradBlock * M, [&](Index job) {
       const int i = static_cast<int>(job / blocks_per_row);
-      const Index c0 = (job % blocks_per_row) * K::kPacket;
-      K::dw_block(X, n, i, c0, std::min<Index>(K::kPacket, C - c0), g, ldg, grads.d_W);
+      const Index c0 = (job % blocks_per_row) * K::kGradBlock;
+      K::grad_block(X, n, i, c0, std::min<Index>(K::kGradBlock, C - c0), Wp, dWp, g, ldg,
+                    beta_offset, d_X, grads.d_W);
     });
   }
 

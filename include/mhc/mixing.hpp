@@ -30,6 +30,11 @@ struct PreMix {
   using Real = compute_t<Scalar>;
   static constexpr int kStreams = N;
   static constexpr int kMaxN = N == Dynamic ? kMaxStreams : N;
+#if defined(MHC_HAVE_AVX512_KERNELS)
+  /// Full column blocks of a fixed small n run in AVX-512 registers (detail::load16 & co.).
+  static constexpr bool kRegisterBlocks =
+      std::is_same<Real, float>::value && N != Dynamic && N <= 4;
+#endif
 
   /// u (T, C) = h_pre^T X per token. X (T*n, C); h_pre (T, n) or (1, n); u must not overlap X.
   static void forward(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Real>& h_pre,
@@ -48,6 +53,24 @@ struct PreMix {
       const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
+        for (int i = 0; i < n; ++i) detail::prefetch_ahead(detail::at(X, t * n + i, c0), w);
+#if defined(MHC_HAVE_AVX512_KERNELS)
+        if constexpr (kRegisterBlocks) {
+          if constexpr (W == detail::kColumnBlock) {
+            __m512 acc[4];
+            for (int q = 0; q < 4; ++q)
+              acc[q] = _mm512_mul_ps(_mm512_set1_ps(hp[0]),
+                                     detail::load16(detail::at(X, t * n, c0) + 16 * q));
+            for (int i = 1; i < N; ++i)
+              for (int q = 0; q < 4; ++q)
+                acc[q] =
+                    _mm512_fmadd_ps(_mm512_set1_ps(hp[i]),
+                                    detail::load16(detail::at(X, t * n + i, c0) + 16 * q), acc[q]);
+            detail::stream_block(detail::at(u, t, c0), acc);
+            return;
+          }
+        }
+#endif
         detail::BlockRow<Real, W> acc =
             hp[0] * detail::load_row<Real, W>(detail::at(X, t * n, c0), w);
         for (int i = 1; i < n; ++i)
@@ -85,6 +108,31 @@ struct PreMix {
       detail::DotAccumulator<Real> dhp[kMaxN];  // sum_c X[i][c] du[c]
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
+        detail::prefetch_ahead(detail::at(d_u, t, c0), w);
+        for (int i = 0; i < n; ++i) {
+          detail::prefetch_ahead(detail::at(X, t * n + i, c0), w);
+          detail::prefetch_ahead(detail::at(d_X, t * n + i, c0), w);
+        }
+#if defined(MHC_HAVE_AVX512_KERNELS)
+        if constexpr (kRegisterBlocks) {
+          if constexpr (W == detail::kColumnBlock) {
+            __m512 du[4];
+            for (int q = 0; q < 4; ++q) du[q] = detail::load16(detail::at(d_u, t, c0) + 16 * q);
+            for (int i = 0; i < N; ++i) {
+              __m512 x[4];
+              Scalar* dx = detail::at(d_X, t * n + i, c0);
+              const __m512 h = _mm512_set1_ps(hp[i]);
+              for (int q = 0; q < 4; ++q) {
+                x[q] = detail::load16(detail::at(X, t * n + i, c0) + 16 * q);
+                detail::store16(dx + 16 * q,
+                                _mm512_fmadd_ps(h, du[q], detail::load16(dx + 16 * q)));
+              }
+              dhp[i].add_block(x, du);
+            }
+            return;
+          }
+        }
+#endif
         const detail::BlockRow<Real, W> du = detail::load_row<Real, W>(detail::at(d_u, t, c0), w);
         for (int i = 0; i < n; ++i) {
           const Index row = t * n + i;
@@ -107,6 +155,11 @@ struct Update {
   using Real = compute_t<Scalar>;
   static constexpr int kStreams = N;
   static constexpr int kMaxN = N == Dynamic ? kMaxStreams : N;
+#if defined(MHC_HAVE_AVX512_KERNELS)
+  /// Full column blocks of a fixed small n run in AVX-512 registers (detail::load16 & co.).
+  static constexpr bool kRegisterBlocks =
+      std::is_same<Real, float>::value && N != Dynamic && N <= 4;
+#endif
 
   /// X_out (T*n, C) = H_res X + h_post y^T per token. X_out may be X itself (same data and row
   /// stride: in-place update; each token's n rows are read, per 64-column block, before any of
@@ -133,6 +186,29 @@ struct Update {
       const Real* hq = h_post.row(detail::coefficient_row(h_post, t)).data();
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
+        detail::prefetch_ahead(detail::at(y, t, c0), w);
+        for (int j = 0; j < n; ++j) detail::prefetch_ahead(detail::at(X, t * n + j, c0), w);
+#if defined(MHC_HAVE_AVX512_KERNELS)
+        if constexpr (kRegisterBlocks) {
+          if constexpr (W == detail::kColumnBlock) {
+            __m512 x[N][4], yr[4];  // all loaded before any store (in-place update)
+            for (int j = 0; j < N; ++j)
+              for (int q = 0; q < 4; ++q)
+                x[j][q] = detail::load16(detail::at(X, t * n + j, c0) + 16 * q);
+            for (int q = 0; q < 4; ++q) yr[q] = detail::load16(detail::at(y, t, c0) + 16 * q);
+            for (int i = 0; i < N; ++i) {
+              __m512 acc[4];
+              for (int q = 0; q < 4; ++q) {
+                acc[q] = _mm512_mul_ps(_mm512_set1_ps(hq[i]), yr[q]);
+                for (int j = 0; j < N; ++j)
+                  acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(H[i * n + j]), x[j][q], acc[q]);
+              }
+              detail::stream_block(detail::at(X_out, t * n + i, c0), acc);
+            }
+            return;
+          }
+        }
+#endif
         detail::BlockTile<Real, N, W> x(n, w);  // (n, w): token t's streams, this block
         for (int j = 0; j < n; ++j)
           x.row(j) = detail::load_row<Real, W>(detail::at(X, t * n + j, c0), w);
@@ -193,6 +269,41 @@ struct Update {
       detail::DotAccumulator<Real> dhq[kMaxN];         // sum_c G[i][c] y[c]
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
+        detail::prefetch_ahead(detail::at(y, t, c0), w);
+        for (int i = 0; i < n; ++i) {
+          detail::prefetch_ahead(detail::at(d_X_out, t * n + i, c0), w);
+          detail::prefetch_ahead(detail::at(X, t * n + i, c0), w);
+        }
+#if defined(MHC_HAVE_AVX512_KERNELS)
+        if constexpr (kRegisterBlocks) {
+          if constexpr (W == detail::kColumnBlock) {
+            __m512 g[N][4], yr[4], dy[4];  // G loaded before any store (in-place d_X)
+            for (int i = 0; i < N; ++i)
+              for (int q = 0; q < 4; ++q)
+                g[i][q] = detail::load16(detail::at(d_X_out, t * n + i, c0) + 16 * q);
+            for (int q = 0; q < 4; ++q) {
+              yr[q] = detail::load16(detail::at(y, t, c0) + 16 * q);
+              dy[q] = _mm512_mul_ps(_mm512_set1_ps(hq[0]), g[0][q]);
+              for (int i = 1; i < N; ++i)
+                dy[q] = _mm512_fmadd_ps(_mm512_set1_ps(hq[i]), g[i][q], dy[q]);
+            }
+            for (int i = 0; i < N; ++i) dhq[i].add_block(g[i], yr);
+            detail::stream_block(detail::at(d_y, t, c0), dy);
+            for (int j = 0; j < N; ++j) {
+              __m512 x[4], dx[4];
+              for (int q = 0; q < 4; ++q) {
+                x[q] = detail::load16(detail::at(X, t * n + j, c0) + 16 * q);
+                dx[q] = _mm512_mul_ps(_mm512_set1_ps(H[j]), g[0][q]);
+                for (int i = 1; i < N; ++i)
+                  dx[q] = _mm512_fmadd_ps(_mm512_set1_ps(H[i * n + j]), g[i][q], dx[q]);
+              }
+              for (int i = 0; i < N; ++i) dH[i * n + j].add_block(g[i], x);
+              detail::stream_block(detail::at(d_X, t * n + j, c0), dx);
+            }
+            return;
+          }
+        }
+#endif
         detail::BlockTile<Real, N, W> g(n, w);  // (n, w) rows of G for token t
         for (int i = 0; i < n; ++i)
           g.row(i) = detail::load_row<Real, W>(detail::at(d_X_out, t * n + i, c0), w);

@@ -22,6 +22,10 @@
 //         the static part exactly a pre-norm residual).
 // alpha_pre = alpha_post = alpha_res = 0.01 (paper Table 5); W = 0 unless projection_std > 0
 // (then i.i.d. normal with that deviation, from `seed`).
+//
+// The per-token forward/backward of a mapping take their per-token values as V: a plain Real for
+// one token, or a lane array (Eigen::Array<Real, W, 1>, detail/lanes.hpp) holding the same value
+// of W tokens, which Coefficients uses to run the mappings a SIMD register of tokens at a time.
 #pragma once
 
 #include <cmath>
@@ -54,15 +58,15 @@ struct MhcVariant {
   static constexpr int scratch_count(int n, int iterations) {
     return detail::coefficient_backward_scratch(n, iterations);
   }
-  template <int N, typename Real>
-  static void forward(int n, int iterations, const Real* z, const detail::GateParams<Real>& p,
-                      Real* h_pre, Real* h_post, Real* H_res, Real* scratch) {
+  template <int N, typename V, typename Real>
+  static void forward(int n, int iterations, const V* z, const detail::GateParams<Real>& p,
+                      V* h_pre, V* h_post, V* H_res, V* scratch) {
     detail::mhc_coefficients_forward<N>(n, iterations, z, p, h_pre, h_post, H_res, scratch);
   }
-  template <int N, typename Real>
-  static void backward(int n, int iterations, const Real* z, const detail::GateParams<Real>& p,
-                       const Real* dh_pre, const Real* dh_post, const Real* dH_res, Real* dz,
-                       Real* d_alpha, Real* d_b_pre, Real* d_b_post, Real* d_b_res, Real* scratch) {
+  template <int N, typename V, typename Real>
+  static void backward(int n, int iterations, const V* z, const detail::GateParams<Real>& p,
+                       const V* dh_pre, const V* dh_post, const V* dH_res, V* dz,
+                       V* d_alpha, V* d_b_pre, V* d_b_post, V* d_b_res, V* scratch) {
     detail::mhc_coefficients_backward<N>(n, iterations, z, p, dh_pre, dh_post, dH_res, dz, d_alpha,
                                          d_b_pre, d_b_post, d_b_res, scratch);
   }
@@ -90,15 +94,15 @@ struct HcVariant {
   static constexpr int coefficient_count(int n) { return n * n + 2 * n; }
   static constexpr int res_count(int n) { return n * n; }
   static constexpr int scratch_count(int, int) { return 0; }
-  template <int N, typename Real>
-  static void forward(int n, int, const Real* z, const detail::GateParams<Real>& p, Real* h_pre,
-                      Real* h_post, Real* H_res, Real*) {
+  template <int N, typename V, typename Real>
+  static void forward(int n, int, const V* z, const detail::GateParams<Real>& p, V* h_pre,
+                      V* h_post, V* H_res, V*) {
     detail::hc_coefficients_forward<N>(n, z, p, h_pre, h_post, H_res);
   }
-  template <int N, typename Real>
-  static void backward(int n, int, const Real* z, const detail::GateParams<Real>& p,
-                       const Real* dh_pre, const Real* dh_post, const Real* dH_res, Real* dz,
-                       Real* d_alpha, Real* d_b_pre, Real* d_b_post, Real* d_b_res, Real*) {
+  template <int N, typename V, typename Real>
+  static void backward(int n, int, const V* z, const detail::GateParams<Real>& p,
+                       const V* dh_pre, const V* dh_post, const V* dH_res, V* dz,
+                       V* d_alpha, V* d_b_pre, V* d_b_post, V* d_b_res, V*) {
     detail::hc_coefficients_backward<N>(n, z, p, dh_pre, dh_post, dH_res, dz, d_alpha, d_b_pre,
                                         d_b_post, d_b_res);
   }
@@ -120,15 +124,15 @@ struct MhcLiteVariant {
   static constexpr int coefficient_count(int n) { return detail::lite_coefficient_count(n); }
   static constexpr int res_count(int n) { return detail::factorial(n); }
   static constexpr int scratch_count(int n, int) { return detail::factorial(n); }
-  template <int N, typename Real>
-  static void forward(int n, int, const Real* z, const detail::GateParams<Real>& p, Real* h_pre,
-                      Real* h_post, Real* H_res, Real* scratch) {
+  template <int N, typename V, typename Real>
+  static void forward(int n, int, const V* z, const detail::GateParams<Real>& p, V* h_pre,
+                      V* h_post, V* H_res, V* scratch) {
     detail::lite_coefficients_forward<N>(n, z, p, h_pre, h_post, H_res, scratch);
   }
-  template <int N, typename Real>
-  static void backward(int n, int, const Real* z, const detail::GateParams<Real>& p,
-                       const Real* dh_pre, const Real* dh_post, const Real* dH_res, Real* dz,
-                       Real* d_alpha, Real* d_b_pre, Real* d_b_post, Real* d_b_res, Real* scratch) {
+  template <int N, typename V, typename Real>
+  static void backward(int n, int, const V* z, const detail::GateParams<Real>& p,
+                       const V* dh_pre, const V* dh_post, const V* dH_res, V* dz,
+                       V* d_alpha, V* d_b_pre, V* d_b_post, V* d_b_res, V* scratch) {
     detail::lite_coefficients_backward<N>(n, z, p, dh_pre, dh_post, dH_res, dz, d_alpha, d_b_pre,
                                           d_b_post, d_b_res, scratch);
   }

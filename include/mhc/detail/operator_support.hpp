@@ -18,6 +18,14 @@
 #include <immintrin.h>
 #define MHC_HAVE_STREAM_STORES 1
 #endif
+// Hand-written AVX-512 register kernels (coefficient projection): on where the target has AVX-512F
+// (e.g. -march=native on the benchmark machine); MHC_NO_AVX512_KERNELS selects the portable
+// Eigen-packet code instead (what every other target runs).
+#if defined(__AVX512F__) && (defined(__x86_64__) || defined(_M_X64)) && \
+    !defined(MHC_NO_AVX512_KERNELS)
+#include <immintrin.h>
+#define MHC_HAVE_AVX512_KERNELS 1
+#endif
 
 #include "mhc/detail/check.hpp"
 #include "mhc/detail/threading.hpp"
@@ -81,6 +89,39 @@ EIGEN_STRONG_INLINE void float_to_bf16(const float* src, bf16* dst, Index w) {
     bits[k] = static_cast<std::uint16_t>(nan ? ((u >> 16) | 0x0040u) : rounded);
   }
 }
+
+#if defined(MHC_HAVE_AVX512_KERNELS)
+/// 16 bf16 at src as 16 floats (exact: the bits shifted up).
+EIGEN_ALWAYS_INLINE __m512 bf16x16_load(const bf16* src) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+/// 16 floats rounded to bf16 at dst, bit for bit as float_to_bf16 (nearest even, NaN quiet).
+EIGEN_ALWAYS_INLINE __m256i bf16x16_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+#if defined(__AVX512BF16__)
+  // One instruction rounds to nearest even and quiets NaNs exactly like the code below, but
+  // flushes float denormals to zero: used when no lane is a denormal.
+  const __mmask16 zero_exponent = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7F800000));
+  if (_mm512_mask_test_epi32_mask(zero_exponent, u, _mm512_set1_epi32(0x007FFFFF)) == 0) {
+    const __m256bh converted = _mm512_cvtneps_pbh(x);
+    __m256i bits;
+    std::memcpy(&bits, &converted, sizeof(bits));
+    return bits;
+  }
+#endif
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x0040));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                               _mm512_set1_epi32(0x7F800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+EIGEN_ALWAYS_INLINE void bf16x16_store(bf16* dst, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bf16x16_bits(x));
+}
+#endif
 
 /// Compute-type row of `Width` columns (Dynamic: at most kColumnBlock).
 template <typename Real, int Width>
@@ -153,6 +194,35 @@ inline void stream_fence() {
 #endif
 }
 
+#if defined(MHC_HAVE_AVX512_KERNELS)
+/// Register-level access to one full kColumnBlock block (4 packets of 16 floats) for the AVX-512
+/// paths of the mixing operators (float compute type; float or bf16 storage).
+EIGEN_ALWAYS_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+EIGEN_ALWAYS_INLINE __m512 load16(const bf16* p) { return bf16x16_load(p); }
+EIGEN_ALWAYS_INLINE void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+EIGEN_ALWAYS_INLINE void store16(bf16* p, __m512 v) { bf16x16_store(p, v); }
+/// v[0..3] (64 values) to dst, with non-temporal stores where stream_row would use them (dst
+/// 64-byte aligned, stream stores available), else plain stores: same values either way.
+template <typename Scalar>
+EIGEN_ALWAYS_INLINE void stream_block(Scalar* dst, const __m512* v) {
+  static_assert(kColumnBlock == 64, "four packets per block");
+#if defined(MHC_HAVE_STREAM_STORES)
+  if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
+    if constexpr (std::is_same<Scalar, float>::value) {
+      for (int q = 0; q < 4; ++q) _mm512_stream_ps(dst + 16 * q, v[q]);
+    } else {
+      for (int q = 0; q < 2; ++q)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst) + q,
+                            _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16_bits(v[2 * q])),
+                                               bf16x16_bits(v[2 * q + 1]), 1));
+    }
+    return;
+  }
+#endif
+  for (int q = 0; q < 4; ++q) store16(dst + 16 * q, v[q]);
+}
+#endif
+
 /// A dot product accumulated over the column blocks of one token, in a fixed order: full blocks
 /// add their packet-wide segments lane by lane (no horizontal sum per block), the tail block adds
 /// a scalar; total() = sum of the lanes + tail. The order depends only on C, never on threads.
@@ -170,6 +240,15 @@ struct DotAccumulator {
       tail += (a.head(w) * b.head(w)).sum();
     }
   }
+#if defined(MHC_HAVE_AVX512_KERNELS)
+  /// The full-block add of 64 float products a[q] * b[q], q = 0..3 (same order as add()).
+  EIGEN_ALWAYS_INLINE void add_block(const __m512* a, const __m512* b) {
+    static_assert(kLanes == 16, "float lanes");
+    __m512 l = _mm512_loadu_ps(lanes.data());
+    for (int q = 0; q < 4; ++q) l = _mm512_fmadd_ps(a[q], b[q], l);
+    _mm512_storeu_ps(lanes.data(), l);
+  }
+#endif
   Real total() const { return lanes.sum() + tail; }
 };
 
@@ -180,6 +259,27 @@ inline void prefetch(const void* p) {
 #else
   (void)p;
 #endif
+}
+
+/// Hints the cache to fetch the line at p into L2 (not L1): for data needed a while later.
+inline void prefetch_l2(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 2);
+#else
+  (void)p;
+#endif
+}
+
+/// Bytes ahead of the current column block that the streaming kernels prefetch in each row they
+/// read (rows are long, but a row of a token is only C elements: the hardware prefetchers lose
+/// the stream at every 4 KB page; a few blocks ahead keeps the lines arriving).
+inline constexpr Index kStreamPrefetchBytes = 1024;
+
+/// Prefetches the lines of row segment [p, p + w) kStreamPrefetchBytes ahead.
+template <typename Scalar>
+inline void prefetch_ahead(const Scalar* p, Index w) {
+  const char* a = reinterpret_cast<const char*>(p) + kStreamPrefetchBytes;
+  for (Index b = 0; b < w * Index(sizeof(Scalar)); b += 64) prefetch(a + b);
 }
 
 /// Address of element (r, c) of a row-major view.
