@@ -27,6 +27,7 @@ inline int max_threads() {
 /// microseconds, more than a few small work items).
 template <typename R, typename Body, typename Combine>
 R parallel_reduce(Index count, Index min_parallel, R init, Body&& body, Combine&& combine) {
+  (void)min_parallel;  // only read with OpenMP
 #if defined(_OPENMP)
   if (count >= min_parallel && count > 1 && max_threads() > 1) {
     R result = init;
