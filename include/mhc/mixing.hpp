@@ -49,11 +49,12 @@ struct PreMix {
     detail::check_batch(where, "u", u, T, C);
     detail::check_no_overlap(where, "u", u, "X", X);
     detail::check_no_overlap(where, "u", u, "h_pre", h_pre);
+    const detail::StreamPrefetch<Scalar> ahead(T, C);
     detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
-        for (int i = 0; i < n; ++i) detail::prefetch_ahead(detail::at(X, t * n + i, c0), w);
+        ahead(X, n, t, c0, w);
 #if defined(MHC_HAVE_AVX512_KERNELS)
         if constexpr (kRegisterBlocks) {
           if constexpr (W == detail::kColumnBlock) {
@@ -77,7 +78,6 @@ struct PreMix {
           acc += hp[i] * detail::load_row<Real, W>(detail::at(X, t * n + i, c0), w);
         detail::stream_row<W>(detail::at(u, t, c0), w, acc);
       });
-      detail::stream_fence();
     });
   }
 
@@ -103,16 +103,15 @@ struct PreMix {
     detail::check_no_overlap(where, "d_h_pre", d_h_pre, "X", X);
     detail::check_no_overlap(where, "d_h_pre", d_h_pre, "d_u", d_u);
     detail::check_no_overlap(where, "d_h_pre", d_h_pre, "h_pre", h_pre);
+    const detail::StreamPrefetch<Scalar> ahead(T, C);
     detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
       detail::DotAccumulator<Real> dhp[kMaxN];  // sum_c X[i][c] du[c]
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
-        detail::prefetch_ahead(detail::at(d_u, t, c0), w);
-        for (int i = 0; i < n; ++i) {
-          detail::prefetch_ahead(detail::at(X, t * n + i, c0), w);
-          detail::prefetch_ahead(detail::at(d_X, t * n + i, c0), w);
-        }
+        ahead(d_u, 1, t, c0, w);
+        ahead(X, n, t, c0, w);
+        ahead(d_X, n, t, c0, w);
 #if defined(MHC_HAVE_AVX512_KERNELS)
         if constexpr (kRegisterBlocks) {
           if constexpr (W == detail::kColumnBlock) {
@@ -181,13 +180,14 @@ struct Update {
     detail::check_no_overlap(where, "X_out", X_out, "y", y);
     detail::check_no_overlap(where, "X_out", X_out, "H_res", H_res);
     detail::check_no_overlap(where, "X_out", X_out, "h_post", h_post);
+    const detail::StreamPrefetch<Scalar> ahead(T, C);
     detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* H = H_res.row(detail::coefficient_row(H_res, t)).data();
       const Real* hq = h_post.row(detail::coefficient_row(h_post, t)).data();
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
-        detail::prefetch_ahead(detail::at(y, t, c0), w);
-        for (int j = 0; j < n; ++j) detail::prefetch_ahead(detail::at(X, t * n + j, c0), w);
+        ahead(y, 1, t, c0, w);
+        ahead(X, n, t, c0, w);
 #if defined(MHC_HAVE_AVX512_KERNELS)
         if constexpr (kRegisterBlocks) {
           if constexpr (W == detail::kColumnBlock) {
@@ -219,7 +219,6 @@ struct Update {
           detail::stream_row<W>(detail::at(X_out, t * n + i, c0), w, acc);
         }
       });
-      detail::stream_fence();
     });
   }
 
@@ -262,6 +261,7 @@ struct Update {
     };
     check_coefficient_grad("d_H_res", d_H_res);
     check_coefficient_grad("d_h_post", d_h_post);
+    const detail::StreamPrefetch<Scalar> ahead(T, C);
     detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* H = H_res.row(detail::coefficient_row(H_res, t)).data();
       const Real* hq = h_post.row(detail::coefficient_row(h_post, t)).data();
@@ -269,11 +269,9 @@ struct Update {
       detail::DotAccumulator<Real> dhq[kMaxN];         // sum_c G[i][c] y[c]
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
-        detail::prefetch_ahead(detail::at(y, t, c0), w);
-        for (int i = 0; i < n; ++i) {
-          detail::prefetch_ahead(detail::at(d_X_out, t * n + i, c0), w);
-          detail::prefetch_ahead(detail::at(X, t * n + i, c0), w);
-        }
+        ahead(y, 1, t, c0, w);
+        ahead(d_X_out, n, t, c0, w);
+        ahead(X, n, t, c0, w);
 #if defined(MHC_HAVE_AVX512_KERNELS)
         if constexpr (kRegisterBlocks) {
           if constexpr (W == detail::kColumnBlock) {
@@ -327,7 +325,6 @@ struct Update {
           detail::stream_row<W>(detail::at(d_X, t * n + j, c0), w, dx);
         }
       });
-      detail::stream_fence();
       for (int k = 0; k < n * n; ++k) d_H_res(t, k) = dH[k].total();
       for (int i = 0; i < n; ++i) d_h_post(t, i) = dhq[i].total();
     });
