@@ -132,7 +132,6 @@ CoefOutD mapping_ref(Mapping m, const RowMat<double>& X, const CoefParamsD& p, i
   const Index M = mapping_width(m, n), R = mapping_res(m, n);
   const bool is_static = p.W.rows() == 0;
   const Index T = is_static ? 1 : X.rows() / n;
-  const Index C = X.cols();
   CoefOutD o;
   o.h_pre.resize(T, n);
   o.h_post.resize(T, n);
@@ -141,15 +140,7 @@ CoefOutD mapping_ref(Mapping m, const RowMat<double>& X, const CoefParamsD& p, i
   o.z.resize(T, M);
   for (Index t = 0; t < T; ++t) {
     Eigen::VectorXd z = Eigen::VectorXd::Zero(M);
-    if (!is_static) {
-      Eigen::VectorXd v(Index(n) * C);
-      for (int i = 0; i < n; ++i)
-        for (Index c = 0; c < C; ++c) v[i * C + c] = X(t * n + i, c);
-      const double r = std::sqrt(v.squaredNorm() / double(n * C) + p.eps);
-      z = (p.W.transpose() * v) / r;
-      o.r(t, 0) = r;
-      o.z.row(t) = z.transpose();
-    }
+    if (!is_static) project_ref(X, p, n, t, o.r(t, 0), z), o.z.row(t) = z.transpose();
     if (m == Mapping::hc) {
       for (int i = 0; i < n; ++i) {
         o.h_pre(t, i) = p.alpha[0] * std::tanh(z[i]) + p.b_pre[i];

@@ -441,8 +441,8 @@ struct CoefficientKernels {
     };
     const auto prefetch_next = [&](Cursor& q) {
       if (q.t >= T) return;
-      prefetch_l2(reinterpret_cast<const char*>(detail::at(X, q.t * n + i, c0)) + q.b);
-      prefetch_l2(reinterpret_cast<const char*>(detail::at(d_X, q.t * n + i, c0)) + q.b);
+      prefetch<2>(reinterpret_cast<const char*>(detail::at(X, q.t * n + i, c0)) + q.b);
+      prefetch<2>(reinterpret_cast<const char*>(detail::at(d_X, q.t * n + i, c0)) + q.b);
       q.b += 64;
       if (q.b >= row_bytes) q.b = 0, ++q.t;
     };

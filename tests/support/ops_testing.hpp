@@ -188,6 +188,18 @@ void check_parameter_gradients(const Loss& loss, const RowMat<double>& X, const 
 
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
+/// Token t's r = sqrt(mean(v^2) + eps) and z = (v W) / r from the definition (spec 2.1-2.2),
+/// v = vec(X_t), in double.
+inline void project_ref(const RowMat<double>& X, const CoefParamsD& p, int n, Index t, double& r,
+                        Eigen::VectorXd& z) {
+  const Index C = X.cols();
+  Eigen::VectorXd v(Index(n) * C);
+  for (int i = 0; i < n; ++i)
+    for (Index c = 0; c < C; ++c) v[i * C + c] = X(t * n + i, c);
+  r = std::sqrt(v.squaredNorm() / double(n * C) + p.eps);
+  z = (p.W.transpose() * v) / r;
+}
+
 /// h_pre (T, n), h_post (T, n), H_res (T, n*n) from the definition (one row in static mode).
 struct CoefOutD {
   RowMat<double> h_pre, h_post, H_res, r, z;
@@ -196,7 +208,6 @@ inline CoefOutD coefficients_ref(const RowMat<double>& X, const CoefParamsD& p, 
   const Index M = Index(n) * n + 2 * n;
   const bool is_static = p.W.rows() == 0;
   const Index T = is_static ? 1 : X.rows() / n;
-  const Index C = X.cols();
   CoefOutD o;
   o.h_pre.resize(T, n);
   o.h_post.resize(T, n);
@@ -205,15 +216,7 @@ inline CoefOutD coefficients_ref(const RowMat<double>& X, const CoefParamsD& p, 
   o.z.resize(T, M);
   for (Index t = 0; t < T; ++t) {
     Eigen::VectorXd z = Eigen::VectorXd::Zero(M);
-    if (!is_static) {
-      Eigen::VectorXd v(Index(n) * C);
-      for (int i = 0; i < n; ++i)
-        for (Index c = 0; c < C; ++c) v[i * C + c] = X(t * n + i, c);
-      const double r = std::sqrt(v.squaredNorm() / double(n * C) + p.eps);
-      z = (p.W.transpose() * v) / r;
-      o.r(t, 0) = r;
-      o.z.row(t) = z.transpose();
-    }
+    if (!is_static) project_ref(X, p, n, t, o.r(t, 0), z), o.z.row(t) = z.transpose();
     for (int i = 0; i < n; ++i) {
       o.h_pre(t, i) = sigmoid(p.alpha[0] * z[i] + p.b_pre[i]);
       o.h_post(t, i) = 2 * sigmoid(p.alpha[1] * z[n + i] + p.b_post[i]);
