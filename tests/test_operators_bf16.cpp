@@ -208,3 +208,40 @@ TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat1
   mhc::detail::bf16_to_float(&b, &f, 1);
   CHECK(std::isnan(f));
 }
+
+#if defined(MHC_HAVE_AVX512_KERNELS)
+TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16]") {
+  // bf16x16_bits (one packet) and bf16x32_bits (a pair: vcvtne2ps2bf16 where no lane is a float
+  // denormal) against the portable rounding, on packets with and without denormals, NaN, ties.
+  const auto seed = fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  std::vector<float> values;
+  for (int k = 0; k < 32 * 400; ++k) {
+    const double e = (k / 32) % 4 == 0 ? uniform(rng, -150, -120) : uniform(rng, -60, 60);
+    values.push_back(static_cast<float>(uniform(rng, -1, 1) * std::pow(2.0, e)));
+  }
+  const float specials[] = {0.f, -0.f, 1.00390625f, 1.01171875f, 3.0e38f, -3.4e38f, 1e-40f,
+                            -1e-45f, std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(),
+                            -std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::min()};
+  for (size_t k = 0; k < sizeof(specials) / sizeof(float); ++k)
+    values[(37 * k) % values.size()] = specials[k];
+  std::vector<mhc::bf16> ref(values.size()), one(values.size()), pair(values.size());
+  mhc::detail::float_to_bf16(values.data(), ref.data(), Index(values.size()));
+  for (size_t k = 0; k < values.size(); k += 32) {
+    const __m512 lo = _mm512_loadu_ps(values.data() + k), hi = _mm512_loadu_ps(values.data() + k + 16);
+    mhc::detail::bf16x16_store(one.data() + k, lo);
+    mhc::detail::bf16x16_store(one.data() + k + 16, hi);
+    _mm512_storeu_si512(pair.data() + k, mhc::detail::bf16x32_bits(lo, hi));
+  }
+  int mismatches = 0;
+  for (size_t k = 0; k < values.size(); ++k) {
+    const auto r = Eigen::numext::bit_cast<std::uint16_t>(ref[k]);
+    mismatches += Eigen::numext::bit_cast<std::uint16_t>(one[k]) != r;
+    mismatches += Eigen::numext::bit_cast<std::uint16_t>(pair[k]) != r;
+  }
+  CHECK(mismatches == 0);
+}
+#endif
