@@ -41,6 +41,7 @@ template <int N, int VEC, typename S>
 __global__ void __launch_bounds__(256)
     project_generic_kernel(int n_rt, Index T, Index C, const S* __restrict__ X, Index ldx,
                            const float* __restrict__ W, int splits, float* __restrict__ part) {
+  pdl_wait();
   constexpr int TB = kProjTokens, JB = proj_cols_v<N>, K = TB * (JB + 1);
   const int n = N > 0 ? N : n_rt;
   const int nc = coef_count(n), P = nc + 1;
@@ -113,6 +114,7 @@ inline constexpr int kMmaResident = 3 * 132;
 template <int Unused = 0>
 __global__ void pack_w_kernel(Index k_chunks, int nc, const float* __restrict__ W,
                               uint4* __restrict__ hi, uint4* __restrict__ lo) {
+  pdl_wait();
   const Index total = k_chunks * kMmaNT * 32;
   for (Index idx = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<Index>(gridDim.x) * blockDim.x) {
@@ -175,6 +177,7 @@ __global__ void __launch_bounds__(128)
     project_mma_kernel(Index T, Index C, const __nv_bfloat16* __restrict__ X, Index ldx,
                        const uint4* __restrict__ Whi, const uint4* __restrict__ Wlo, int splits,
                        float* __restrict__ part) {
+  pdl_wait();
   constexpr int n = 4, nc = 24, P = nc + 1, MT = kMmaTokens / 16;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const Index t0 = static_cast<Index>(blockIdx.x) * kMmaTokens;
@@ -298,6 +301,7 @@ __global__ void __launch_bounds__(32)
     coefficients_finalize_kernel(int n_rt, Index T, Index C, int splits,
                                  const float* __restrict__ part, MappingParams p,
                                  Coefficients out) {
+  pdl_wait();
   constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM;
   const int n = N > 0 ? N : n_rt;
   const int nc = coef_count(n), P = nc + 1;
@@ -315,10 +319,11 @@ __global__ void __launch_bounds__(32)
     ss += src[nc];
   }
   const float r = sqrtf(ss / static_cast<float>(n * C) + p.eps);
+  const float inv_r = 1.f / r;
 #pragma unroll
   for (int j = 0; j < NCM; ++j)
     if (j < nc) {
-      z[j] = z[j] / r;
+      z[j] = z[j] * inv_r;
       out.z[t * nc + j] = z[j];
     }
   out.r[t] = r;
@@ -326,6 +331,7 @@ __global__ void __launch_bounds__(32)
                                           p.bias,     p.bias + n, p.bias + 2 * n};
   float h_pre[NM], h_post[NM], H[NM * NM], A[NM * NM];
   mhc::detail::mhc_coefficients_forward<N>(n, p.iterations, z, gp, h_pre, h_post, H, A);
+  pdl_trigger();  // only the stores are left: let the next kernel be scheduled
 #pragma unroll
   for (int i = 0; i < NM; ++i)
     if (i < n) {
@@ -376,14 +382,16 @@ __device__ __forceinline__ void write_mma_record(unsigned char* rec, Index t, bo
   }
 }
 
-/// One token of coefficients_backward_token_kernel, with `scratch` for the shared kernel.
-template <int N>
+/// One token of coefficients_backward_token_kernel, with `sums` for the Sinkhorn sums of the
+/// shared kernel (A and M stay in registers); its dalpha (3) and dbias (nc) go to
+/// grads[0, 3 + nc).
+template <int N, int NM = max_streams_v<N>>
 __device__ __forceinline__ void coefficients_backward_token(
     int n, Index t, Index C, const MappingParams& p, const ConstCoefficients& coef,
     const float* __restrict__ d_h_pre, const float* __restrict__ d_h_post,
-    const float* __restrict__ d_H_res, float* __restrict__ qb, float* __restrict__ tok,
-    unsigned char* __restrict__ rec, float* scratch) {
-  constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM;
+    const float* __restrict__ d_H_res, float* __restrict__ qb, unsigned char* __restrict__ rec,
+    float* sums, float (&grads)[3 + NM * NM + 2 * NM]) {
+  constexpr int NCM = NM * NM + 2 * NM;
   const int nc = coef_count(n);
   float z[NCM], dz[NCM], dhp[NM], dhq[NM], dH[NM * NM];
   float dal[3] = {0.f, 0.f, 0.f}, dbp[NM], dbq[NM], dbr[NM * NM];
@@ -402,15 +410,16 @@ __device__ __forceinline__ void coefficients_backward_token(
   }
   const mhc::detail::GateParams<float> gp{p.alpha[0], p.alpha[1], p.alpha[2],
                                           p.bias,     p.bias + n, p.bias + 2 * n};
+  float A[NM * NM], M[NM * NM];
   mhc::detail::mhc_coefficients_backward<N>(n, p.iterations, z, gp, dhp, dhq, dH, dz, dal, dbp,
-                                            dbq, dbr, scratch);
-  const float r = coef.r[t];
+                                            dbq, dbr, A, M, sums);
+  const float r = coef.r[t], inv_r = 1.f / r;
   float zdz = 0.f;
 #pragma unroll
   for (int j = 0; j < NCM; ++j)
     if (j < nc) {
       zdz += z[j] * dz[j];
-      dz[j] = dz[j] / r;  // q
+      dz[j] = dz[j] * inv_r;  // q
     }
   const float beta = zdz / (static_cast<float>(n * C) * r * r);
   if (rec && n == 4) {  // the tensor-core input gradient reads only the group records
@@ -421,23 +430,23 @@ __device__ __forceinline__ void coefficients_backward_token(
       if (j < nc) qb[t * (nc + 1) + j] = dz[j];
     qb[t * (nc + 1) + nc] = beta;
   }
-  float* dst = tok + t * (3 + nc);
-  dst[0] = dal[0], dst[1] = dal[1], dst[2] = dal[2];
+  grads[0] = dal[0], grads[1] = dal[1], grads[2] = dal[2];
 #pragma unroll
   for (int i = 0; i < NM; ++i)
     if (i < n) {
-      dst[3 + i] = dbp[i];
-      dst[3 + n + i] = dbq[i];
+      grads[3 + i] = dbp[i];
+      grads[3 + n + i] = dbq[i];
     }
 #pragma unroll
   for (int k = 0; k < NM * NM; ++k)
-    if (k < n * n) dst[3 + 2 * n + k] = dbr[k];
+    if (k < n * n) grads[3 + 2 * n + k] = dbr[k];
 }
 
 /// One thread per token: dz from (dh_pre, dh_post, dH_res) through the shared gate and Sinkhorn
 /// backward, then q = dz / r and beta = (z . dz) / (n C r^2) to qb (T, nc + 1) or, with `rec`,
-/// into the 16-token group records of input_grad_mma_kernel, and the token's
-/// dalpha (3) and dbias (nc) to tok (T, 3 + nc). The Sinkhorn sums of the recomputed forward
+/// into the 16-token group records of input_grad_mma_kernel. The block's (one warp, 32 tokens)
+/// sum of the tokens' dalpha (3) and dbias (nc), a fixed butterfly, goes to row blockIdx.x of tok
+/// (ceil(T / 32), 3 + nc). The Sinkhorn sums of the recomputed forward
 /// live in thread-local memory up to kLocalIterations, else in `scratch` (scratch_len per token).
 template <int N>
 __global__ void __launch_bounds__(32)
@@ -447,22 +456,31 @@ __global__ void __launch_bounds__(32)
                                        const float* __restrict__ d_H_res, float* __restrict__ qb,
                                        float* __restrict__ tok, unsigned char* __restrict__ rec,
                                        float* __restrict__ scratch, int scratch_len) {
-  constexpr int NM = max_streams_v<N>;
+  pdl_wait();
+  constexpr int NM = max_streams_v<N>, W = 3 + NM * NM + 2 * NM;
   const int n = N > 0 ? N : n_rt;
   const Index t = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x;
+  float grads[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) grads[k] = 0.f;
   if (t >= T) {  // padding tokens of the last record group
     if (rec && n == 4 && t < (T + kRecGroup - 1) / kRecGroup * kRecGroup)
       write_mma_record(rec, t, false, nullptr, 0.f, nullptr, nullptr);
-    return;
-  }
-  if (p.iterations <= kLocalIterations) {
-    float local[mhc::detail::coefficient_backward_scratch(NM, kLocalIterations)];
-    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, tok, rec,
-                                   local);
+  } else if (p.iterations <= kLocalIterations) {
+    float local[mhc::detail::sinkhorn_sums_size(NM, kLocalIterations)];
+    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, rec, local,
+                                   grads);
   } else {
-    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, tok, rec,
-                                   scratch + t * scratch_len);
+    coefficients_backward_token<N>(n, t, C, p, coef, d_h_pre, d_h_post, d_H_res, qb, rec,
+                                   scratch + t * scratch_len, grads);
   }
+  const int w = 3 + coef_count(n);
+#pragma unroll
+  for (int k = 0; k < W; ++k)
+    if (k < w) {
+      const float v = warp_sum(grads[k]);
+      if (threadIdx.x == 0) tok[blockIdx.x * static_cast<Index>(w) + k] = v;
+    }
 }
 
 inline constexpr int kGradTokens = 64;  // tokens staged per shared-memory batch
@@ -488,6 +506,7 @@ __global__ void __launch_bounds__(N == 4 ? 4 * kGradGroups : kMaxCudaStreams * k
                       const float* __restrict__ W, ConstCoefficients coef,
                       const float* __restrict__ qb, S* __restrict__ dX, Index lddx,
                       Index tokens_per_chunk, float* __restrict__ dW_part) {
+  pdl_wait();
   constexpr int NM = max_streams_v<N>, NCM = NM * NM + 2 * NM, U = grad_unroll_v<N>;
   constexpr int QS = (NCM + 1 + 3) / 4 * 4;  // row stride of the staged q (+ beta)
   const int n = N > 0 ? N : n_rt;
@@ -607,6 +626,7 @@ __global__ void __launch_bounds__(4 * kGradGroups)
                              Index ldx, const float* __restrict__ W, ConstCoefficients coef,
                              const float* __restrict__ qb, S* __restrict__ dX, Index lddx,
                              Index tokens_per_chunk, float* __restrict__ dW_part) {
+  pdl_wait();
   constexpr int n = 4, nc = 24, ROWS = 2 * n + 1;       // G (n), X (n), du
   constexpr int PIECES = kGradGroups * sizeof(S) / 16;  // 16-byte pieces per row strip
   const int i = threadIdx.x / kGradGroups, g = threadIdx.x % kGradGroups;
@@ -702,7 +722,8 @@ inline constexpr int kMmaStages = 4;   // stages in the ring (3 in flight while 
 inline constexpr int kMmaRowBytes = kMmaStrip * 2;            // one 64-channel bf16 row strip
 inline constexpr int kMmaTokenBytes = 9 * kMmaRowBytes + 64;  // G (4), X (4), du; see mma_swz
 inline constexpr int kMmaStageBytes = kMmaStage * kMmaTokenBytes + kRecBytes;
-inline constexpr int kMmaSmemBytes = kMmaStages * kMmaStageBytes;
+inline constexpr int kMmaOutBytes = kMmaStage * 4 * kMmaRowBytes;  // one stage's dX tile
+inline constexpr int kMmaSmemBytes = kMmaStages * kMmaStageBytes + 2 * kMmaOutBytes;
 
 /// Byte offset of 16-byte piece `chunk` (0..7) of a row strip of stage token t. The token stride
 /// (1216 bytes, 16 banks mod 32) keeps two tokens' 64-byte halves apart; the XOR on the chunk
@@ -755,7 +776,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(const void* smem, unsigned& r0
 /// with both products with W on the tensor cores. Block = 8 warps on a 64-channel strip; warp w
 /// owns channels 8w .. 8w + 7 of the strip in all four streams, for a chunk of whole 16-token
 /// groups. Per stage (one group) the G, X, du strips and the group record arrive by cp.async in
-/// a 4-stage ring (2-3 stages in flight, one barrier per stage).
+/// a 4-stage ring (2-3 stages in flight, one barrier per stage). A stage's dX tile (16 tokens x
+/// 4 streams x 64 channels) goes through shared memory (double-buffered) and leaves in the next
+/// stage as full 128-byte rows, 16 bytes per lane (direct 4-byte stores filled half sectors).
 ///   P = Q W^T       16 tokens x 32 columns per warp (n-tile = stream, column = channel),
 ///                   k = 24 (16 + 8): Q and W each as bf16 hi + lo, products hi hi + hi lo +
 ///                   lo hi (~2^-16 relative).
@@ -772,6 +795,7 @@ __global__ void __launch_bounds__(256, 2)
                           const float* __restrict__ W, const unsigned char* __restrict__ rec,
                           __nv_bfloat16* __restrict__ dX, Index lddx, Index tokens_per_chunk,
                           float* __restrict__ dW_part) {
+  pdl_wait();
   constexpr int n = 4, nc = 24;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -842,8 +866,26 @@ __global__ void __launch_bounds__(256, 2)
     __pipeline_commit();  // possibly empty, so that every iteration waits on the same count
   };
 
-  // Per lane: row (token g, stream 0) of dX at the lane's 2 channels cw + 2q, +1.
-  __nv_bfloat16* dx_lane = dX + (t_begin + g) * n * lddx + cw + 2 * q;
+  // dX tiles: row tt * 4 + i (token tt, stream i) of 8 16-byte chunks, chunk k at k ^ (tt & 7)
+  // so that the 8 tokens a warp writes at once fall on different banks.
+  unsigned char* out_tiles = smem + kMmaStages * kMmaStageBytes;
+  const auto out_off = [](int tt, int i, int chunk) {
+    return (tt * 4 + i) * kMmaRowBytes + ((chunk ^ (tt & 7)) << 4);
+  };
+  // Copies the dX tile of stage st (written by all warps before the last barrier) out: thread k
+  // takes pieces k and k + 256 (row = piece / 8, chunk = piece % 8): a warp stores 4 full rows.
+  const auto store_tile = [&](int st) {
+    const unsigned char* tile = out_tiles + (st & 1) * kMmaOutBytes;
+    const Index b0 = t_begin + static_cast<Index>(st) * kMmaStage;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int piece = threadIdx.x + 256 * j, row = piece >> 3, chunk = piece & 7;
+      const int tt = row >> 2, i = row & 3;
+      if (b0 + tt < t_end)
+        *reinterpret_cast<uint4*>(dX + ((b0 + tt) * n + i) * lddx + c0 + 8 * chunk) =
+            *reinterpret_cast<const uint4*>(tile + out_off(tt, i, chunk));
+    }
+  };
 
 #pragma unroll
   for (int st = 0; st < kMmaStages - 1; ++st) issue(st);
@@ -851,6 +893,7 @@ __global__ void __launch_bounds__(256, 2)
     __pipeline_wait_prior(kMmaStages - 2);  // this stage's copies are done (this thread's) ...
     __syncthreads();  // ... and everyone's; every warp is also done with the previous stage,
     issue(st + kMmaStages - 1);  // whose buffer this refills
+    if (st > 0) store_tile(st - 1);  // written before the barrier; its buffer is refilled below
     const unsigned char* base = smem + (st % kMmaStages) * kMmaStageBytes;
     const unsigned char* rg = base + kMmaStage * kMmaTokenBytes;  // the group record
     const auto word = [&](int off, int idx) {
@@ -910,7 +953,8 @@ __global__ void __launch_bounds__(256, 2)
       for (int nt = 0; nt < 4; ++nt) mma_bf16_1688(acc[nt], ah[4], ah[5], wh[nt][2]);
     }
 
-    // dX for tokens g, g + 8, channels cw + 2q, +1, all four streams.
+    // dX for tokens g, g + 8, channels cw + 2q, +1, all four streams, into the stage's tile.
+    unsigned char* tile = out_tiles + (st & 1) * kMmaOutBytes;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int t = g + 8 * h;
@@ -922,7 +966,6 @@ __global__ void __launch_bounds__(256, 2)
             base + mma_swz(t, row, warp) + 4 * q));
       };
       const float2 g0 = pair(0), g1 = pair(1), g2 = pair(2), g3 = pair(3), d = pair(2 * n);
-      __nv_bfloat16* dst = dx_lane + (static_cast<Index>(st) * kMmaStage + 8 * h) * n * lddx;
 #pragma unroll
       for (int i = 0; i < n; ++i) {
         const float4 ht = lds_float4(rg + kRecHt + 16 * (t * 4 + i));
@@ -936,11 +979,14 @@ __global__ void __launch_bounds__(256, 2)
         o.x = fmaf(ht.w, g3.x, o.x), o.y = fmaf(ht.w, g3.y, o.y);
         o.x = fmaf(hpi, d.x, o.x), o.y = fmaf(hpi, d.y, o.y);
         o.x = fmaf(-beta, x.x, o.x), o.y = fmaf(-beta, x.y, o.y);
-        *reinterpret_cast<__nv_bfloat162*>(dst + i * lddx) = __floats2bfloat162_rn(o.x, o.y);
+        *reinterpret_cast<__nv_bfloat162*>(tile + out_off(t, i, warp) + 4 * q) =
+            __floats2bfloat162_rn(o.x, o.y);
       }
     }
   }
   __pipeline_wait_prior(0);
+  __syncthreads();  // the last stage's dX tile is complete
+  if (stages > 0) store_tile(stages - 1);
 
   float* dstw = dW_part + static_cast<Index>(blockIdx.y) * n * C * nc;
 #pragma unroll
@@ -1071,7 +1117,7 @@ inline BackwardWorkspace backward_workspace(Carve& cv, int n, Index T, Index C, 
   ws.scratch_len =
       iterations > kLocalIterations ? mhc::detail::coefficient_backward_scratch(n, iterations) : 0;
   ws.qb = cv.take<float>(static_cast<std::size_t>(T) * (nc + 1));
-  ws.tok = cv.take<float>(static_cast<std::size_t>(T) * (3 + nc));
+  ws.tok = cv.take<float>(static_cast<std::size_t>(ceil_div(T, 32)) * (3 + nc));
   ws.scratch = cv.take<float>(static_cast<std::size_t>(T) * ws.scratch_len);
   ws.rec = n == 4 ? cv.take<unsigned char>(static_cast<std::size_t>((T + kRecGroup - 1) / kRecGroup) *
                                            kRecBytes)
@@ -1144,9 +1190,9 @@ inline Status coefficients_forward(int n, Index T, Index C, const S* X, Index ld
   const ProjectionPlan pl = projection_plan(n, T, C, mma, vec);
   if (pl.mma) {
     const Index k_chunks = n * (C / 32);
-    pack_w_kernel<<<elementwise_blocks(k_chunks * kMmaNT * 32), 256, 0, stream>>>(
+    launch(pack_w_kernel<>, elementwise_blocks(k_chunks * kMmaNT * 32), 256, 0, stream, 
         k_chunks, coef_count(n), p.W, ws.w_hi, ws.w_lo);
-    project_mma_kernel<<<dim3(pl.blocks_x, pl.splits), 128, 0, stream>>>(
+    launch(project_mma_kernel<>, dim3(pl.blocks_x, pl.splits), 128, 0, stream, 
         T, C, reinterpret_cast<const __nv_bfloat16*>(X), ldx, ws.w_hi, ws.w_lo, pl.splits,
         ws.part);
   }
@@ -1155,13 +1201,13 @@ inline Status coefficients_forward(int n, Index T, Index C, const S* X, Index ld
     if (!pl.mma) {
       const dim3 grid(pl.blocks_x, pl.splits, pl.blocks_z);
       if (vec)
-        project_generic_kernel<N, kVec><<<grid, 256, 0, stream>>>(n, T, C, X, ldx, p.W, pl.splits,
+        launch(project_generic_kernel<N, kVec, S>, grid, 256, 0, stream, n, T, C, X, ldx, p.W, pl.splits,
                                                                   ws.part);
       else
-        project_generic_kernel<N, 1><<<grid, 256, 0, stream>>>(n, T, C, X, ldx, p.W, pl.splits,
+        launch(project_generic_kernel<N, 1, S>, grid, 256, 0, stream, n, T, C, X, ldx, p.W, pl.splits,
                                                                ws.part);
     }
-    coefficients_finalize_kernel<N><<<ceil_div(T, 32), 32, 0, stream>>>(n, T, C, pl.splits,
+    launch(coefficients_finalize_kernel<N>, ceil_div(T, 32), 32, 0, stream, n, T, C, pl.splits,
                                                                          ws.part, p, out);
     return last_launch_status();
   });
@@ -1200,7 +1246,7 @@ inline Status coefficients_backward_impl(int n, Index T, Index C, const S* G, In
     return Status::kCudaError;
   return dispatch_streams(n, [&](auto nn) {
     constexpr int N = decltype(nn)::value;
-    coefficients_backward_token_kernel<N><<<ceil_div(T, 32), 32, 0, stream>>>(
+    launch(coefficients_backward_token_kernel<N>, ceil_div(T, 32), 32, 0, stream, 
         n, T, C, p, coef, d_h_pre, d_h_post, d_H_res, ws.qb, ws.tok, mma ? ws.rec : nullptr,
         ws.scratch, ws.scratch_len);
     const dim3 grid(pl.blocks_x, pl.chunks);
@@ -1209,7 +1255,7 @@ inline Status coefficients_backward_impl(int n, Index T, Index C, const S* G, In
     if constexpr (N == 4) {
       if constexpr (std::is_same<S, __nv_bfloat16>::value) {
         if (mma)
-          input_grad_mma_kernel<><<<grid, 256, kMmaSmemBytes, stream>>>(
+          launch(input_grad_mma_kernel<>, grid, 256, kMmaSmemBytes, stream, 
               T, C, G, ldg, du, ldu, X, ldx, p.W, ws.rec, dX, lddx, pl.tokens_per_chunk,
               ws.dW_part);
       }
@@ -1217,29 +1263,30 @@ inline Status coefficients_backward_impl(int n, Index T, Index C, const S* G, In
       if (!staged)
         staged = G && C % kGradGroups == 0 && vec_ok(G, ldg) && vec_ok(X, ldx) && vec_ok(du, ldu);
       if (staged && !mma)
-        input_grad_staged_kernel<S><<<grid, threads, 0, stream>>>(
+        launch(input_grad_staged_kernel<S>, grid, threads, 0, stream, 
             T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
             ws.dW_part);
     }
     if (!staged) {
       if (G)  // the fused layer backward: dX written from all three terms
-        input_grad_kernel<N, S, true, false><<<grid, threads, 0, stream>>>(
+        launch(input_grad_kernel<N, S, true, false>, grid, threads, 0, stream, 
             n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
             ws.dW_part);
       else if (accumulate)
-        input_grad_kernel<N, S, false, true><<<grid, threads, 0, stream>>>(
+        launch(input_grad_kernel<N, S, false, true>, grid, threads, 0, stream, 
             n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
             ws.dW_part);
       else
-        input_grad_kernel<N, S, false, false><<<grid, threads, 0, stream>>>(
+        launch(input_grad_kernel<N, S, false, false>, grid, threads, 0, stream, 
             n, T, C, G, ldg, du, ldu, X, ldx, p.W, coef, ws.qb, dX, lddx, pl.tokens_per_chunk,
             ws.dW_part);
     }
+    // dW = sum of the chunk partials; tok rows are the token blocks' (dalpha (3), dbias (nc)):
+    // one fixed-order column sum per output. One launch for both.
     const Index w_size = static_cast<Index>(n) * C * nc;
-    chunk_sum_kernel<<<elementwise_blocks(w_size), 256, 0, stream>>>(w_size, pl.chunks,
-                                                                     ws.dW_part, dW);
-    // tok rows are (dalpha (3), dbias (nc)): one fixed-order column sum per output.
-    column_sum_kernel<<<3 + nc, 1024, 0, stream>>>(T, 3 + nc, ws.tok, 3, d_alpha, d_bias);
+    const int chunk_blocks = elementwise_blocks(w_size);
+    launch(parameter_sums_kernel<>, chunk_blocks + 3 + nc, 256, 0, stream, w_size, pl.chunks,
+           ws.dW_part, dW, chunk_blocks, ceil_div(T, 32), 3 + nc, ws.tok, 3, d_alpha, d_bias);
     return last_launch_status();
   });
 }

@@ -170,6 +170,64 @@ __device__ __forceinline__ void store_vec(S* p, const float (&v)[VEC]) {
   }
 }
 
+// ---- programmatic dependent launch (sm_90+) ----------------------------------------------------
+//
+// Every kernel of mhc/cuda is launched with the programmatic-stream-serialization attribute
+// (launch() below) and calls pdl_wait() before its first global-memory access: the next kernel of
+// a launcher's chain is scheduled as the previous one retires instead of after a full launch
+// round trip, and pdl_wait() (griddepcontrol.wait) returns only once the kernels before it have
+// completed and flushed their writes. A kernel that follows a normal launch (a user kernel, a
+// memset) simply starts after it. Kernels trigger their dependents implicitly, when their blocks
+// exit; only the per-token finalize triggers early (pdl_trigger(), before its stores). Early
+// triggers elsewhere were measured to hurt: the dependents' resident blocks, waiting in
+// griddepcontrol.wait, slowed the projection by 23 us at T = 8192 and took the room of blocks of
+// the kernels sized to fill the GPU in one wave. Below sm_90 both are no-ops and launch()
+// launches plainly.
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/// Whether the current device takes programmatic dependent launches (compute capability >= 9;
+/// define MHC_CUDA_NO_PDL to launch every kernel plainly).
+inline bool pdl_supported() {
+#ifdef MHC_CUDA_NO_PDL
+  return false;
+#else
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    return false;
+  return major >= 9;
+#endif
+}
+
+/// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization where the
+/// device supports it. Errors surface through last_launch_status() like a <<<>>> launch.
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem,
+                   cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_supported() ? 1 : 0;
+  (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 /// Hint: bring the 32-byte sector holding p into L2 (no register result, never faults on a valid
 /// address; callers keep p inside their buffers).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
@@ -214,6 +272,7 @@ __device__ __forceinline__ void block_sum(const float (&v)[COUNT], int count, fl
 template <int Unused = 0>  // a template, so the header may enter several TUs
 __global__ void split_sum_kernel(Index T, int splits, int P, const float* __restrict__ part,
                                  int w0, float* __restrict__ dst0, float* __restrict__ dst1) {
+  pdl_wait();
   const Index total = T * P;
   for (Index k = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; k < total;
        k += static_cast<Index>(gridDim.x) * blockDim.x) {
@@ -228,33 +287,34 @@ __global__ void split_sum_kernel(Index T, int splits, int P, const float* __rest
   }
 }
 
-/// Column sums over rows in a fixed order: sum_t rows[t][j] for the `width` columns of rows
-/// (count, width), to out0[j] for j < w0 and out1[j - w0] otherwise; one block (up to 1024
-/// threads) per column, one launch for both outputs.
-template <int Unused = 0>
-__global__ void __launch_bounds__(1024) column_sum_kernel(Index count, int width,
-                                                          const float* __restrict__ rows, int w0,
-                                                          float* __restrict__ out0,
-                                                          float* __restrict__ out1) {
-  __shared__ float scratch[32];
+/// The sums over tokens of the coefficient backward, one launch: blocks [0, chunk_blocks) give
+/// out[k] = sum over chunks of part[chunk][k] (k < size, chunk order fixed: the dW partials of the
+/// input-gradient pass); block chunk_blocks + j gives the column sum sum_t rows[t][j] over `count`
+/// rows of `width` (a fixed tree over the block's threads) to out0[j] for j < w0, out1[j - w0]
+/// otherwise (d_alpha and d_bias from the per-token values). Either part may be empty.
+template <int Unused = 0>  // a template, so the header may enter several TUs
+__global__ void __launch_bounds__(256)
+    parameter_sums_kernel(Index size, int chunks, const float* __restrict__ part,
+                          float* __restrict__ out, int chunk_blocks, Index count, int width,
+                          const float* __restrict__ rows, int w0, float* __restrict__ out0,
+                          float* __restrict__ out1) {
+  pdl_wait();
+  if (static_cast<int>(blockIdx.x) < chunk_blocks) {
+    for (Index k = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; k < size;
+         k += static_cast<Index>(chunk_blocks) * blockDim.x) {
+      float s = 0.f;
+      for (int ch = 0; ch < chunks; ++ch) s += part[ch * size + k];
+      out[k] = s;
+    }
+    return;
+  }
+  __shared__ float scratch[8];
   __shared__ float total[1];
-  const int j = blockIdx.x;
+  const int j = static_cast<int>(blockIdx.x) - chunk_blocks;
   float v[1] = {0.f};
   for (Index t = threadIdx.x; t < count; t += blockDim.x) v[0] += rows[t * width + j];
   block_sum<1>(v, 1, scratch, total);
   if (threadIdx.x == 0) (j < w0 ? out0[j] : out1[j - w0]) = total[0];
-}
-
-/// out[k] = sum over chunks of part[chunk][k], chunk order fixed.
-template <int Unused = 0>  // a template, so the header may enter several TUs
-__global__ void chunk_sum_kernel(Index size, int chunks, const float* __restrict__ part,
-                                 float* __restrict__ out) {
-  for (Index k = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; k < size;
-       k += static_cast<Index>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int ch = 0; ch < chunks; ++ch) s += part[ch * size + k];
-    out[k] = s;
-  }
 }
 
 inline int elementwise_blocks(Index work, int threads = 256) {

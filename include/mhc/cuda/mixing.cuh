@@ -19,6 +19,7 @@ template <int N, int VEC, typename S>
 __global__ void __launch_bounds__(256)
     pre_mix_forward_kernel(int n_rt, Index T, Index C, const S* __restrict__ X, Index ldx,
                            const float* __restrict__ h_pre, S* __restrict__ u, Index ldu) {
+  pdl_wait();
   constexpr int NM = max_streams_v<N>;
   const int n = N > 0 ? N : n_rt;
   const Index nv = C / VEC, total = T * nv;
@@ -49,6 +50,7 @@ __global__ void __launch_bounds__(256)
     update_forward_kernel(int n_rt, Index T, Index C, const S* X, Index ldx,
                           const S* __restrict__ y, Index ldy, const float* __restrict__ h_post,
                           const float* __restrict__ H_res, S* X_out, Index ldo) {
+  pdl_wait();
   constexpr int NM = max_streams_v<N>;
   const int n = N > 0 ? N : n_rt;
   const Index nv = C / VEC, total = T * nv;
@@ -93,7 +95,8 @@ __device__ __forceinline__ void split_range(Index nv, int splits, int sp, Index&
 }
 
 /// Update backward, one block per (token, split): dy = G^T h_post (written), partials of
-/// dh_post = G y and dH_res = G X^T to part[sp][t][n + n^2]; with dX non-null also
+/// dh_post = G y and dH_res = G X^T to part[sp][t][n + n^2] (with one split, the sums themselves
+/// to d_h_post, d_H_res); with dX non-null also
 /// dX = (accumulate ? dX : 0) + H_res^T G.
 template <int N, int VEC, typename S>
 __global__ void __launch_bounds__(kRowThreads)
@@ -101,7 +104,9 @@ __global__ void __launch_bounds__(kRowThreads)
                            const S* __restrict__ X, Index ldx, const S* __restrict__ y, Index ldy,
                            const float* __restrict__ h_post, const float* __restrict__ H_res,
                            S* __restrict__ dy, Index lddy, S* __restrict__ dX, Index lddx,
-                           bool accumulate, int splits, float* __restrict__ part) {
+                           bool accumulate, int splits, float* __restrict__ part,
+                           float* __restrict__ d_h_post, float* __restrict__ d_H_res) {
+  pdl_wait();
   constexpr int NM = max_streams_v<N>, K = NM + NM * NM;
   const int n = N > 0 ? N : n_rt;
   const Index t = blockIdx.x;
@@ -187,17 +192,24 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   const int count = n + n * n;
   block_sum<K>(packed, count, scratch, total);
-  for (int k = threadIdx.x; k < count; k += blockDim.x) part[(sp * T + t) * count + k] = total[k];
+  for (int k = threadIdx.x; k < count; k += blockDim.x) {
+    if (splits == 1)  // the only split: straight to the outputs, no split_sum pass
+      (k < n ? d_h_post[t * n + k] : d_H_res[t * n * n + (k - n)]) = total[k];
+    else
+      part[(sp * T + t) * count + k] = total[k];
+  }
 }
 
-/// Pre-mix backward, one block per (token, split): partials of dh_pre = X du to part[sp][t][n];
+/// Pre-mix backward, one block per (token, split): partials of dh_pre = X du to part[sp][t][n]
+/// (with one split, the sums themselves to d_h_pre);
 /// with dX non-null also dX = (accumulate ? dX : 0) + h_pre du^T.
 template <int N, int VEC, typename S>
 __global__ void __launch_bounds__(kRowThreads)
     pre_mix_backward_kernel(int n_rt, Index T, Index C, const S* __restrict__ X, Index ldx,
                             const S* __restrict__ du, Index ldu, const float* __restrict__ h_pre,
                             S* __restrict__ dX, Index lddx, bool accumulate, int splits,
-                            float* __restrict__ part) {
+                            float* __restrict__ part, float* __restrict__ d_h_pre) {
+  pdl_wait();
   constexpr int NM = max_streams_v<N>;
   const int n = N > 0 ? N : n_rt;
   const Index t = blockIdx.x;
@@ -237,7 +249,8 @@ __global__ void __launch_bounds__(kRowThreads)
   __shared__ float scratch[(kRowThreads / 32) * NM];
   __shared__ float total[NM];
   block_sum<NM>(acc, n, scratch, total);
-  for (int k = threadIdx.x; k < n; k += blockDim.x) part[(sp * T + t) * n + k] = total[k];
+  for (int k = threadIdx.x; k < n; k += blockDim.x)
+    (splits == 1 ? d_h_pre[t * n + k] : part[(sp * T + t) * n + k]) = total[k];
 }
 
 /// Splits over channels for the per-token reductions: enough blocks to fill the GPU, at least one
@@ -284,10 +297,10 @@ inline Status pre_mix_forward(int n, Index T, Index C, const S* X, Index ldx, co
   return dispatch_streams(n, [&](auto nn) {
     constexpr int N = decltype(nn)::value;
     if (vec)
-      pre_mix_forward_kernel<N, kVec><<<elementwise_blocks(T * (C / kVec)), 256, 0, stream>>>(
+      launch(pre_mix_forward_kernel<N, kVec, S>, elementwise_blocks(T * (C / kVec)), 256, 0, stream, 
           n, T, C, X, ldx, h_pre, u, ldu);
     else
-      pre_mix_forward_kernel<N, 1><<<elementwise_blocks(T * C), 256, 0, stream>>>(
+      launch(pre_mix_forward_kernel<N, 1, S>, elementwise_blocks(T * C), 256, 0, stream, 
           n, T, C, X, ldx, h_pre, u, ldu);
     return last_launch_status();
   });
@@ -329,12 +342,13 @@ inline Status pre_mix_backward(int n, Index T, Index C, const S* X, Index ldx, c
     constexpr int N = decltype(nn)::value;
     const dim3 grid(static_cast<unsigned>(T), splits);
     if (vec)
-      pre_mix_backward_kernel<N, kVec><<<grid, kRowThreads, 0, stream>>>(
-          n, T, C, X, ldx, du, ldu, h_pre, dX, lddx, accumulate, splits, part);
+      launch(pre_mix_backward_kernel<N, kVec, S>, grid, kRowThreads, 0, stream, 
+          n, T, C, X, ldx, du, ldu, h_pre, dX, lddx, accumulate, splits, part, d_h_pre);
     else
-      pre_mix_backward_kernel<N, 1><<<grid, kRowThreads, 0, stream>>>(
-          n, T, C, X, ldx, du, ldu, h_pre, dX, lddx, accumulate, splits, part);
-    split_sum_kernel<<<elementwise_blocks(T * n), 256, 0, stream>>>(T, splits, n, part, n,
+      launch(pre_mix_backward_kernel<N, 1, S>, grid, kRowThreads, 0, stream, 
+          n, T, C, X, ldx, du, ldu, h_pre, dX, lddx, accumulate, splits, part, d_h_pre);
+    if (splits > 1)
+      launch(split_sum_kernel<>, elementwise_blocks(T * n), 256, 0, stream, T, splits, n, part, n,
                                                                      d_h_pre, nullptr);
     return last_launch_status();
   });
@@ -365,10 +379,10 @@ inline Status update_forward(int n, Index T, Index C, const S* X, Index ldx, con
   return dispatch_streams(n, [&](auto nn) {
     constexpr int N = decltype(nn)::value;
     if (vec)
-      update_forward_kernel<N, kVec><<<elementwise_blocks(T * (C / kVec)), 256, 0, stream>>>(
+      launch(update_forward_kernel<N, kVec, S>, elementwise_blocks(T * (C / kVec)), 256, 0, stream, 
           n, T, C, X, ldx, y, ldy, h_post, H_res, X_out, ldo);
     else
-      update_forward_kernel<N, 1><<<elementwise_blocks(T * C), 256, 0, stream>>>(
+      launch(update_forward_kernel<N, 1, S>, elementwise_blocks(T * C), 256, 0, stream, 
           n, T, C, X, ldx, y, ldy, h_post, H_res, X_out, ldo);
     return last_launch_status();
   });
@@ -423,15 +437,16 @@ inline Status update_backward(int n, Index T, Index C, const S* G, Index ldg, co
     constexpr int N = decltype(nn)::value;
     const dim3 grid(static_cast<unsigned>(T), splits);
     if (vec)
-      update_backward_kernel<N, kVec><<<grid, kRowThreads, 0, stream>>>(
+      launch(update_backward_kernel<N, kVec, S>, grid, kRowThreads, 0, stream, 
           n, T, C, G, ldg, X, ldx, y, ldy, h_post, H_res, dy, lddy, dX, lddx, accumulate, splits,
-          part);
+          part, d_h_post, d_H_res);
     else
-      update_backward_kernel<N, 1><<<grid, kRowThreads, 0, stream>>>(
+      launch(update_backward_kernel<N, 1, S>, grid, kRowThreads, 0, stream, 
           n, T, C, G, ldg, X, ldx, y, ldy, h_post, H_res, dy, lddy, dX, lddx, accumulate, splits,
-          part);
-    split_sum_kernel<<<elementwise_blocks(T * (n + n * n)), 256, 0, stream>>>(
-        T, splits, n + n * n, part, n, d_h_post, d_H_res);
+          part, d_h_post, d_H_res);
+    if (splits > 1)
+      launch(split_sum_kernel<>, elementwise_blocks(T * (n + n * n)), 256, 0, stream, 
+          T, splits, n + n * n, part, n, d_h_post, d_H_res);
     return last_launch_status();
   });
 }

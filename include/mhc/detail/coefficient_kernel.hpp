@@ -80,19 +80,18 @@ MHC_HOST_DEVICE void mhc_coefficients_forward(int n_rt, int iterations, const V*
 
 /// Backward of mhc_coefficients_forward for one token. Writes dz (n^2 + 2n); accumulates
 /// d_alpha (3: pre, post, res), d_b_pre (n), d_b_post (n), d_b_res (n^2) with +=.
-/// `scratch` holds coefficient_backward_scratch(n, iterations) lane values.
+/// A and M hold n^2 lane values each, sums sinkhorn_sums_size(n, iterations) (separate arrays,
+/// so that a GPU thread keeps A and M in registers while only the sums, indexed by the run-time
+/// round, live in local memory).
 template <int N, typename V, typename S>
 MHC_HOST_DEVICE void mhc_coefficients_backward(int n_rt, int iterations, const V* z,
                                                const GateParams<S>& p, const V* dh_pre,
                                                const V* dh_post, const V* dH_res, V* dz,
                                                V* d_alpha, V* d_b_pre, V* d_b_post, V* d_b_res,
-                                               V* scratch) {
+                                               V* A, V* M, V* sums) {
   const int n = N > 0 ? N : n_rt;
   const V* z_res = z + 2 * n;
   sigmoid_gates_backward<N>(n, z, p, dh_pre, dh_post, dz, d_alpha, d_b_pre, d_b_post);
-  V* A = scratch;
-  V* M = scratch + n * n;
-  V* sums = scratch + 2 * n * n;
   for (int k = 0; k < n * n; ++k) A[k] = z_res[k] * p.alpha_res + p.b_res[k];
   sinkhorn_forward_kernel<N>(n, iterations, A, M, sums);
   V* dA = dz + 2 * n;  // dA_res is computed in place in dz's res part, then scaled by alpha
@@ -103,6 +102,19 @@ MHC_HOST_DEVICE void mhc_coefficients_backward(int n_rt, int iterations, const V
     d_b_res[k] = d_b_res[k] + dA[k];
     dA[k] = dA[k] * p.alpha_res;
   }
+}
+
+/// The same with one `scratch` of coefficient_backward_scratch(n, iterations) lane values
+/// (A, M, then the sums).
+template <int N, typename V, typename S>
+MHC_HOST_DEVICE void mhc_coefficients_backward(int n_rt, int iterations, const V* z,
+                                               const GateParams<S>& p, const V* dh_pre,
+                                               const V* dh_post, const V* dH_res, V* dz,
+                                               V* d_alpha, V* d_b_pre, V* d_b_post, V* d_b_res,
+                                               V* scratch) {
+  const int n = N > 0 ? N : n_rt;
+  mhc_coefficients_backward<N>(n, iterations, z, p, dh_pre, dh_post, dH_res, dz, d_alpha, d_b_pre,
+                               d_b_post, d_b_res, scratch, scratch + n * n, scratch + 2 * n * n);
 }
 
 }  // namespace mhc::detail
