@@ -159,6 +159,10 @@ struct Update {
   static constexpr bool kRegisterBlocks =
       std::is_same<Real, float>::value && N != Dynamic && N <= 4;
 #endif
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
+  /// bf16 storage: the backward's full blocks run in backward_bf16_rows (vdpbf16ps dot products).
+  static constexpr bool kBf16Rows = kRegisterBlocks && std::is_same<Scalar, bf16>::value;
+#endif
 
   /// X_out (T*n, C) = H_res X + h_post y^T per token. X_out may be X itself (same data and row
   /// stride: in-place update; each token's n rows are read, per 64-column block, before any of
@@ -267,8 +271,16 @@ struct Update {
       const Real* hq = h_post.row(detail::coefficient_row(h_post, t)).data();
       detail::DotAccumulator<Real> dH[kMaxN * kMaxN];  // sum_c G[i][c] X[j][c]
       detail::DotAccumulator<Real> dhq[kMaxN];         // sum_c G[i][c] y[c]
-      detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
+      Index done = 0;  // leading columns handled by backward_bf16_rows
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
+      if constexpr (kBf16Rows) {
+        done = C - C % detail::kColumnBlock;
+        backward_bf16_rows(X, y, d_X_out, d_X, d_y, H, hq, t, done, ahead, dH, dhq);
+      }
+#endif
+      detail::for_each_column_block(C - done, [&](Index c_rel, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
+        const Index c0 = done + c_rel;
         ahead(y, 1, t, c0, w);
         ahead(d_X_out, n, t, c0, w);
         ahead(X, n, t, c0, w);
@@ -329,6 +341,95 @@ struct Update {
       for (int i = 0; i < n; ++i) d_h_post(t, i) = dhq[i].total();
     });
   }
+
+ private:
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
+  /// bf16 storage, n <= 4, AVX512-BF16: backward() over the full column blocks [0, full) of token
+  /// t, 32 columns (one cache line of each row) per step. The n*n + n dot products
+  /// (d_H_res[i][j] = G_i . X_j, d_h_post[i] = G_i . y) run on the stored bf16 values with
+  /// vdpbf16ps (fp32 sums of exact bf16 products, two columns per lane and instruction; X and y are
+  /// never converted) and stay in zmm registers over the whole row; their lanes become the
+  /// DotAccumulator lanes (the tail and total() follow as elsewhere). Only G is converted, for
+  /// d_X = H_res^T G and d_y = G^T h_post. Row pointers are taken once per token.
+  template <typename Ahead>
+  static void backward_bf16_rows(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Scalar>& y,
+                                 const ConstBatchRef<Scalar>& d_X_out, BatchRef<Scalar>& d_X,
+                                 BatchRef<Scalar>& d_y, const Real* H, const Real* hq, Index t,
+                                 Index full, const Ahead& ahead, detail::DotAccumulator<Real>* dH,
+                                 detail::DotAccumulator<Real>* dhq) {
+    static_assert(kBf16Rows, "bf16 row path");
+    const bf16* gp[N];
+    const bf16* xp[N];
+    bf16* dxp[N];
+#pragma GCC unroll 16
+    for (int i = 0; i < N; ++i) {
+      gp[i] = detail::at(d_X_out, t * N + i, 0);
+      xp[i] = detail::at(X, t * N + i, 0);
+      dxp[i] = detail::at(d_X, t * N + i, 0);
+    }
+    const bf16* yp = detail::at(y, t, 0);
+    bf16* dyp = detail::at(d_y, t, 0);
+    __m512 aH[N * N], ahq[N];
+#pragma GCC unroll 16
+    for (int k = 0; k < N * N; ++k) aH[k] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < N; ++i) ahq[i] = _mm512_setzero_ps();
+    const auto raw = [](const bf16* p) {
+      __m512bh v;
+      const __m512i bits = _mm512_loadu_si512(p);
+      std::memcpy(&v, &bits, sizeof(v));
+      return v;
+    };
+    for (Index c0 = 0; c0 < full; c0 += detail::kColumnBlock) {
+      ahead(y, 1, t, c0, detail::kColumnBlock);
+      ahead(d_X_out, N, t, c0, detail::kColumnBlock);
+      ahead(X, N, t, c0, detail::kColumnBlock);
+#pragma GCC unroll 2
+      for (int half = 0; half < 2; ++half) {
+        const Index c = c0 + 32 * half;
+        __m512 g[N][2], dy[2];  // G (raw and converted) loaded before any store (in-place d_X)
+        __m512bh graw[N];
+#pragma GCC unroll 16
+        for (int i = 0; i < N; ++i) {
+          graw[i] = raw(gp[i] + c);
+          g[i][0] = detail::load16(gp[i] + c);
+          g[i][1] = detail::load16(gp[i] + c + 16);
+        }
+        const __m512bh yr = raw(yp + c);
+#pragma GCC unroll 16
+        for (int i = 0; i < N; ++i) ahq[i] = _mm512_dpbf16_ps(ahq[i], graw[i], yr);
+#pragma GCC unroll 2
+        for (int q = 0; q < 2; ++q) {
+          dy[q] = _mm512_mul_ps(_mm512_set1_ps(hq[0]), g[0][q]);
+#pragma GCC unroll 16
+          for (int i = 1; i < N; ++i)
+            dy[q] = _mm512_fmadd_ps(_mm512_set1_ps(hq[i]), g[i][q], dy[q]);
+        }
+        detail::stream_pair(dyp + c, dy);
+#pragma GCC unroll 16
+        for (int j = 0; j < N; ++j) {
+          const __m512bh x = raw(xp[j] + c);
+#pragma GCC unroll 16
+          for (int i = 0; i < N; ++i)
+            aH[i * N + j] = _mm512_dpbf16_ps(aH[i * N + j], graw[i], x);
+          __m512 dx[2];
+#pragma GCC unroll 2
+          for (int q = 0; q < 2; ++q) {
+            dx[q] = _mm512_mul_ps(_mm512_set1_ps(H[j]), g[0][q]);
+#pragma GCC unroll 16
+            for (int i = 1; i < N; ++i)
+              dx[q] = _mm512_fmadd_ps(_mm512_set1_ps(H[i * N + j]), g[i][q], dx[q]);
+          }
+          detail::stream_pair(dxp[j] + c, dx);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < N * N; ++k) _mm512_storeu_ps(dH[k].lanes.data(), aH[k]);
+#pragma GCC unroll 16
+    for (int i = 0; i < N; ++i) _mm512_storeu_ps(dhq[i].lanes.data(), ahq[i]);
+  }
+#endif
 };
 
 }  // namespace mhc

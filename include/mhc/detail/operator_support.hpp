@@ -25,6 +25,11 @@
     !defined(MHC_NO_AVX512_KERNELS)
 #include <immintrin.h>
 #define MHC_HAVE_AVX512_KERNELS 1
+// ... and with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16) and DQ (vfpclassps): the bf16 dot products
+// of Update's backward on the stored values.
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#define MHC_HAVE_BF16_DOT_KERNELS 1
+#endif
 #endif
 
 #include "mhc/detail/check.hpp"
@@ -235,6 +240,22 @@ EIGEN_ALWAYS_INLINE void stream_block(Scalar* dst, const __m512* v) {
   }
 #endif
   for (int q = 0; q < 4; ++q) store16(dst + 16 * q, v[q]);
+}
+/// v[0..1] (32 values) to dst, like stream_block: non-temporal where dst is 64-byte aligned (for
+/// bf16 the pair is one cache line), else plain stores.
+template <typename Scalar>
+EIGEN_ALWAYS_INLINE void stream_pair(Scalar* dst, const __m512* v) {
+#if defined(MHC_HAVE_STREAM_STORES)
+  if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
+    if constexpr (std::is_same<Scalar, float>::value) {
+      for (int q = 0; q < 2; ++q) _mm512_stream_ps(dst + 16 * q, v[q]);
+    } else {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), bf16x32_bits(v[0], v[1]));
+    }
+    return;
+  }
+#endif
+  for (int q = 0; q < 2; ++q) store16(dst + 16 * q, v[q]);
 }
 #endif
 
