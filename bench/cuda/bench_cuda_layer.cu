@@ -5,6 +5,9 @@
 //   bytes_min: the spec's minimal bytes (section 6) for the op, each input read once and each
 //              output written once; frac_copy = (bytes_min / time) / copy bandwidth
 //   copy:      cudaMemcpyAsync device-to-device of a 1 GiB buffer, counted read + write
+//   read:      a read-only stream over 1 GiB (16-byte loads, 4 in flight per thread, one float
+//              written per block): the ceiling of an op that only reads, such as the coefficient
+//              forward; frac_read = (bytes_min / time) / read bandwidth
 // Prints a Markdown summary table last. Fixed seeds; inputs are random, never zeros.
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
@@ -270,6 +273,7 @@ Problem& problem(Index T, Index C) {
 }
 
 double g_copy_bw = 0;  // bytes/s, read + write
+double g_read_bw = 0;  // bytes/s, read only
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -307,6 +311,43 @@ void measure_copy_bandwidth() {
   const double s = time_median(
       [&] { BENCH_CUDA(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice)); }, 20);
   g_copy_bw = 2.0 * static_cast<double>(bytes) / s;
+}
+
+/// Reads `count` uint4 (grid-stride, 4 loads in flight per thread) and writes one value per
+/// block, so the loads cannot be dropped.
+__global__ void read_stream_kernel(const uint4* __restrict__ src, std::size_t count,
+                                   unsigned* __restrict__ out) {
+  unsigned acc = 0;
+  const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  std::size_t k = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  for (; k + 3 * stride < count; k += 4 * stride) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = __ldg(src + k + u * stride);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; k < count; k += stride) {
+    const uint4 v = __ldg(src + k);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  for (int off = 16; off > 0; off >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, off);
+  if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
+
+void measure_read_bandwidth() {
+  Dev<char> a;
+  Dev<unsigned> out;
+  const std::size_t bytes = std::size_t(1) << 30;
+  const int blocks = 132 * 8;
+  a.alloc(bytes), out.alloc(blocks);
+  BENCH_CUDA(cudaMemset(a.p, 1, bytes));
+  const double s = time_median(
+      [&] {
+        read_stream_kernel<<<blocks, 256>>>(reinterpret_cast<const uint4*>(a.p), bytes / 16, out.p);
+      },
+      20);
+  g_read_bw = static_cast<double>(bytes) / s;
 }
 
 struct Op {
@@ -362,6 +403,7 @@ void run_op(benchmark::State& state, const Op& op, Index T, Index C) {
     state.counters["bytes_min"] = bytes;
     state.counters["GBps_median"] = bytes / med * 1e-9;
     state.counters["frac_copy"] = bytes / med / g_copy_bw;
+    state.counters["frac_read"] = bytes / med / g_read_bw;
   }
   state.counters["median_us"] = med * 1e6;
   state.SetItemsProcessed(static_cast<int64_t>(T) * state.iterations());
@@ -373,6 +415,7 @@ void run_op(benchmark::State& state, const Op& op, Index T, Index C) {
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   measure_copy_bandwidth();
+  measure_read_bandwidth();
   std::vector<Index> Ts = {1, 128, 8192, 32768}, Cs = {2048, 4096, 7168};
   if (const char* quick = std::getenv("MHC_BENCH_QUICK"); quick && std::string(quick) == "1")
     Ts = {128, 8192}, Cs = {4096};
@@ -391,7 +434,9 @@ int main(int argc, char** argv) {
   g_problem.reset();
 
   // Summary (medians): fraction of copy bandwidth per kernel and mHC's share of an MLP sublayer.
-  std::printf("\n## mhc CUDA summary (n = 4, bf16; copy %.0f GB/s read+write)\n\n", g_copy_bw * 1e-9);
+  std::printf("\n## mhc CUDA summary (n = 4, bf16; copy %.0f GB/s read+write; read-only stream "
+              "%.0f GB/s)\n\n",
+              g_copy_bw * 1e-9, g_read_bw * 1e-9);
   std::printf("| C | T | coef fwd | pre-mix fwd | update fwd | update bwd | layer bwd | layer fwd | "
               "layer fwd+bwd | MLP fwd | MLP fwd+bwd | mHC/MLP fwd | mHC/MLP fwd+bwd |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -415,6 +460,16 @@ int main(int argc, char** argv) {
       std::printf(" %.1f%% | %.1f%% |\n", 100.0 * g_median[key("layer_fwd")] / g_median[key("mlp_fwd")],
                   100.0 * g_median[key("layer_fwd_bwd")] / g_median[key("mlp_fwd_bwd")]);
     }
+  std::printf("\nCoefficient forward (reads X only) against the read-only stream:");
+  for (const Index C : Cs)
+    for (const Index T : Ts) {
+      const std::string k = "coefficients_fwd/" + std::to_string(T) + "/" + std::to_string(C);
+      if (!g_median.count(k) || T < 8192) continue;
+      const double bytes = kN * static_cast<double>(T) * C * 2;
+      std::printf(" C %lld T %lld: %.0f%%;", static_cast<long long>(C), static_cast<long long>(T),
+                  100.0 * bytes / g_median[k] / g_read_bw);
+    }
+  std::printf("\n");
   benchmark::Shutdown();
   return 0;
 }
