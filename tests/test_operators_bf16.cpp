@@ -243,32 +243,6 @@ TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16
     mismatches += Eigen::numext::bit_cast<std::uint16_t>(pair[k]) != r;
   }
   CHECK(mismatches == 0);
-#if defined(MHC_HAVE_BF16_DOT_KERNELS)
-  // Parity-split loads and stores (PreMix forward): the floats of each 32-value group given as
-  // even / odd elements give the same bits, and bf16 loaded that way and stored back round-trip.
-  std::vector<mhc::bf16> split(values.size());
-  std::vector<mhc::bf16, Eigen::aligned_allocator<mhc::bf16>> back(values.size());  // 64-byte
-  for (size_t k = 0; k < values.size(); k += 32) {
-    alignas(64) float e[16], o[16];
-    for (int l = 0; l < 16; ++l) e[l] = values[k + 2 * l], o[l] = values[k + 2 * l + 1];
-    _mm512_storeu_si512(split.data() + k, mhc::detail::bf16x32_bits_even_odd(_mm512_load_ps(e),
-                                                                            _mm512_load_ps(o)));
-  }
-  for (size_t k = 0; k < values.size(); k += 64) {  // 64-byte aligned: the streaming path
-    __m512 v[4];
-    mhc::detail::bf16x32_load_even_odd(ref.data() + k, v[0], v[1]);
-    mhc::detail::bf16x32_load_even_odd(ref.data() + k + 32, v[2], v[3]);
-    mhc::detail::stream_block_even_odd(back.data() + k, v);
-  }
-  mhc::detail::stream_fence();
-  int split_mismatches = 0;
-  for (size_t k = 0; k < values.size(); ++k) {
-    const auto r = Eigen::numext::bit_cast<std::uint16_t>(ref[k]);
-    split_mismatches += Eigen::numext::bit_cast<std::uint16_t>(split[k]) != r;
-    split_mismatches += Eigen::numext::bit_cast<std::uint16_t>(back[k]) != r;
-  }
-  CHECK(split_mismatches == 0);
-#endif
 }
 #endif
 

@@ -59,24 +59,6 @@ struct PreMix {
         if constexpr (kRegisterBlocks) {
           if constexpr (W == detail::kColumnBlock) {
             __m512 acc[4];
-#if defined(MHC_HAVE_BF16_DOT_KERNELS)
-            if constexpr (std::is_same<Scalar, bf16>::value) {
-              // Element-wise: the columns may sit in any lane order; parity-split loads (no
-              // widening shuffles), one vpermw per 32 values at the store.
-              for (int i = 0; i < N; ++i) {
-                const __m512 h = _mm512_set1_ps(hp[i]);
-                for (int half = 0; half < 2; ++half) {
-                  __m512 e, o;
-                  detail::bf16x32_load_even_odd(detail::at(X, t * n + i, c0) + 32 * half, e, o);
-                  acc[2 * half] = i == 0 ? _mm512_mul_ps(h, e) : _mm512_fmadd_ps(h, e, acc[2 * half]);
-                  acc[2 * half + 1] =
-                      i == 0 ? _mm512_mul_ps(h, o) : _mm512_fmadd_ps(h, o, acc[2 * half + 1]);
-                }
-              }
-              detail::stream_block_even_odd(detail::at(u, t, c0), acc);
-              return;
-            }
-#endif
             for (int q = 0; q < 4; ++q)
               acc[q] = _mm512_mul_ps(_mm512_set1_ps(hp[0]),
                                      detail::load16(detail::at(X, t * n, c0) + 16 * q));

@@ -26,7 +26,7 @@
 #include <immintrin.h>
 #define MHC_HAVE_AVX512_KERNELS 1
 // ... and with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16) and DQ (vfpclassps): the bf16 dot products
-// of Update's backward on the stored values, PreMix forward's parity-split bf16 loads.
+// of Update's backward on the stored values.
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
 #define MHC_HAVE_BF16_DOT_KERNELS 1
 #endif
@@ -256,37 +256,6 @@ EIGEN_ALWAYS_INLINE void stream_pair(Scalar* dst, const __m512* v) {
   }
 #endif
   for (int q = 0; q < 2; ++q) store16(dst + 16 * q, v[q]);
-}
-#endif
-
-#if defined(MHC_HAVE_BF16_DOT_KERNELS)
-/// 32 bf16 at src as floats split by parity, even[k] = src[2k], odd[k] = src[2k+1]: two bit
-/// operations on one load, no shuffles (for element-wise kernels whose stores undo the split).
-EIGEN_ALWAYS_INLINE void bf16x32_load_even_odd(const bf16* src, __m512& even, __m512& odd) {
-  const __m512i bits = _mm512_loadu_si512(src);
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(int(0xFFFF0000u))));
-}
-/// 32 bf16 in memory order from parity-split floats (bf16x32_bits, then one vpermw).
-EIGEN_ALWAYS_INLINE __m512i bf16x32_bits_even_odd(__m512 even, __m512 odd) {
-  alignas(64) static constexpr std::uint16_t kInterleave[32] = {
-      0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), bf16x32_bits(even, odd));
-}
-/// 64 bf16 to dst from v = {even, odd} of columns 0..31, then of 32..63; non-temporal where dst
-/// is 64-byte aligned (as stream_block).
-EIGEN_ALWAYS_INLINE void stream_block_even_odd(bf16* dst, const __m512* v) {
-  const __m512i lo = bf16x32_bits_even_odd(v[0], v[1]), hi = bf16x32_bits_even_odd(v[2], v[3]);
-#if defined(MHC_HAVE_STREAM_STORES)
-  if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), lo);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst) + 1, hi);
-    return;
-  }
-#endif
-  _mm512_storeu_si512(dst, lo);
-  _mm512_storeu_si512(dst + 32, hi);
 }
 #endif
 
