@@ -89,8 +89,8 @@ hdr = rows[0]; rows = rows[1:]
 ki, mi, vi = hdr.index("Kernel Name"), hdr.index("Metric Name"), hdr.index("Metric Value")
 per = collections.OrderedDict()
 for r in rows:
+    if "fill_kernel" in r[ki] or "read_stream_kernel" in r[ki]: continue  # the benchmark's own
     name = r[ki].split("(")[0].split("<")[0].replace("void ", "").replace("mhc::cuda::detail::", "")
-    if "fill_kernel" in name: continue
     d = per.setdefault((r[0], name), {})
     d[r[mi]] = float(r[vi].replace(",", ""))
 agg = collections.OrderedDict()
