@@ -893,7 +893,7 @@ __global__ void __launch_bounds__(256, 2)
     __pipeline_wait_prior(kMmaStages - 2);  // this stage's copies are done (this thread's) ...
     __syncthreads();  // ... and everyone's; every warp is also done with the previous stage,
     issue(st + kMmaStages - 1);  // whose buffer this refills
-    if (st > 0) store_tile(st - 1);  // written before the barrier; its buffer is refilled below
+    if (st > 0) store_tile(st - 1);  // complete at this barrier; this stage writes the other tile
     const unsigned char* base = smem + (st % kMmaStages) * kMmaStageBytes;
     const unsigned char* rg = base + kMmaStage * kMmaTokenBytes;  // the group record
     const auto word = [&](int off, int idx) {

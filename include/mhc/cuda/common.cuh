@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -197,15 +198,24 @@ __device__ __forceinline__ void pdl_trigger() {
 }
 
 /// Whether the current device takes programmatic dependent launches (compute capability >= 9;
-/// define MHC_CUDA_NO_PDL to launch every kernel plainly).
+/// define MHC_CUDA_NO_PDL to launch every kernel plainly). The answer is cached per device, so a
+/// launch costs one cudaGetDevice, not an attribute query as well.
 inline bool pdl_supported() {
 #ifdef MHC_CUDA_NO_PDL
   return false;
 #else
-  int device = 0, major = 0;
+  static std::atomic<signed char> cached[64];  // per device: 0 unknown, 1 yes, -1 no
+  int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
+  const bool cacheable = device >= 0 && device < 64;
+  if (cacheable) {
+    const signed char c = cached[device].load(std::memory_order_relaxed);
+    if (c != 0) return c > 0;
+  }
+  int major = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
     return false;
+  if (cacheable) cached[device].store(major >= 9 ? 1 : -1, std::memory_order_relaxed);
   return major >= 9;
 #endif
 }
