@@ -420,7 +420,11 @@ struct CoefficientKernels {
   /// registers over the chunk's tokens (kept in dWp between chunks) and reads its M x kPacket
   /// block of W (contiguous, from L1) per token, and one packet of X and of d_X per token. The
   /// chunk kPrefetchChunks ahead is prefetched into L2 row by row (DRAM-friendly) while the
-  /// strips run, kPrefetchPerStep lines per strip-token step. At the end the block of dWp goes
+  /// strips run, kPrefetchPerStep lines per strip-token step, and never further ahead than that
+  /// chunk: the steps issue about twice the lines a chunk needs, and an unbounded cursor ran ever
+  /// further ahead (half of T ahead by the middle of the job), so the lines left L2 before their
+  /// use and the second half of the tokens was not prefetched at all (1.1-1.45x slower from DRAM,
+  /// worst at C = 1024, where the rows are short). At the end the block of dWp goes
   /// to d_W.
   static void grad_block(const ConstBatchRef<Scalar>& X, int n_rt, int i, Index c0, Index w,
                          const Real* Wp, Real* dWp, const Real* g, Index ldg, Index beta_offset,
@@ -450,6 +454,7 @@ struct CoefficientKernels {
     while (ahead.t < std::min<Index>(T, Index(TC) * kPrefetchChunks)) prefetch_next(ahead);
     for (Index t0 = 0; t0 < T; t0 += TC) {
       const Index t1 = std::min<Index>(T, t0 + TC);
+      const Index prefetch_end = std::min<Index>(T, t1 + Index(TC) * kPrefetchChunks);
       for (Index s = 0; s < w; s += kPacket) {
         const Index ws = std::min<Index>(kPacket, w - s);  // < kPacket: the row's last strip
         const Real* wp = Wp + (Index(i) * Cp + c0 + s) * M;
@@ -470,7 +475,7 @@ struct CoefficientKernels {
           for (int m = 0; m < MA; ++m) acc[m] = ploadu<Packet>(dwp + m * kPacket);
         }
         for (Index t = t0; t < t1; ++t) {
-          for (int q = 0; q < kPrefetchPerStep; ++q) prefetch_next(ahead);
+          for (int q = 0; q < kPrefetchPerStep && ahead.t < prefetch_end; ++q) prefetch_next(ahead);
           const Scalar* src = detail::at(X, t * n + i, c0 + s);
           Scalar* dst = detail::at(d_X, t * n + i, c0 + s);
           const Real* gt = g + t * ldg;
@@ -521,7 +526,7 @@ struct CoefficientKernels {
         for (int m = 0; m < MA; ++m) pstoreu(dwp + m * kPacket, acc[m]);
       }
       // keep the prefetch kPrefetchChunks chunks ahead (short chunks take fewer steps)
-      while (ahead.t < std::min<Index>(T, t1 + Index(TC) * kPrefetchChunks)) prefetch_next(ahead);
+      while (ahead.t < prefetch_end) prefetch_next(ahead);
     }
     for (Index s = 0; s < w; s += kPacket) {
       const Real* dwp = dWp + (Index(i) * Cp + c0 + s) * M;
