@@ -12,6 +12,10 @@
 //    swing by +-0.1.
 //  - FMA peak: independent chains of packet FMAs (Eigen's widest float packet) on the same number
 //    of threads; the coefficient projection reports GFLOPs and vs_fma_peak.
+//  - Roofline (Coefficients rows): per iteration the time the operator needs at least,
+//    max(flops / FMA peak, the same-run memcpy time of its minimal bytes), i.e. achieved flop/s
+//    over min(FMA peak, flops / minimal bytes x memcpy bandwidth); reported as vs_roofline =
+//    roofline time / operator time (the target: >= 0.5 of whichever bound binds).
 // Minimal bytes per token (s = storage bytes, n = 4): PreMix fwd (n+1)Cs, bwd (3n+1)Cs (d_X is
 // read and written); Update fwd (2n+1)Cs, bwd (3n+2)Cs; Coefficients fwd nCs (X; W stays in
 // cache), bwd 3nCs (X, d_X read and written). Coefficient flops: 2 nC (n^2+2n) per token forward,
@@ -228,11 +232,15 @@ void BM_op(benchmark::State& state) {
     memcpy_seconds(bytes);
   }
   double copy_s = 0;  // total over the iterations
+  double roof_s = 0;  // sum over the iterations of max(flops / peak, that iteration's memcpy)
+  const double peak_s = flops > 0 ? flops / fma_peak(threads) : 0;
   for (auto _ : state) {
     run();
     benchmark::ClobberMemory();
     state.PauseTiming();
-    copy_s += memcpy_seconds(bytes);
+    const double c = memcpy_seconds(bytes);
+    copy_s += c;
+    roof_s += std::max(peak_s, c);
     state.ResumeTiming();
   }
   const double it = double(state.iterations());
@@ -246,6 +254,8 @@ void BM_op(benchmark::State& state) {
     state.counters["GFLOPs"] = benchmark::Counter(it * flops / 1e9, benchmark::Counter::kIsRate);
     state.counters["vs_fma_peak"] =
         benchmark::Counter(it * flops / fma_peak(threads), benchmark::Counter::kIsRate);
+    // rate counter: (roofline time) / (operator time)
+    state.counters["vs_roofline"] = benchmark::Counter(roof_s, benchmark::Counter::kIsRate);
   }
 }
 
