@@ -9,7 +9,7 @@
 //
 // Kernels:
 //   projection  one pass over X gives v W and sum(v^2) per token, split over channels into
-//               partials (splits, T, n^2 + 2n + 1). For n = 4, bf16, C % 32 == 0 it runs on the
+//               partials (splits, T, n^2 + 2n + 1). For n = 4, bf16, C % 64 == 0 it runs on the
 //               tensor cores: mma m16n8k16 with X exact in bf16 and W split as W_hi + W_lo (two
 //               bf16 terms, relative error ~2^-17 per product, fp32 accumulation); otherwise an
 //               fp32 FMA kernel.
@@ -99,39 +99,39 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// ---- projection: tensor-core path (n = 4, bf16, C % 32 == 0) -----------------------------------
+// ---- projection: tensor-core path (n = 4, bf16, C % 64 == 0) -----------------------------------
 
 inline constexpr int kMmaTokens = 64;  // tokens per block: 4 m-tiles of 16, shared by 4 warps
 inline constexpr int kMmaNT = 3;       // n-tiles of 8 columns: n^2 + 2n = 24 for n = 4
-/// Blocks of project_mma_kernel resident at once on an H100/H200 (3 per multiprocessor at its
-/// ~168 registers per thread); used only to size the grid, never for correctness.
-inline constexpr int kMmaResident = 3 * 132;
+inline constexpr int kMmaChunk = 64;   // channels per k-chunk: one 128-byte line of a row
 
 /// W (n C, nc) fp32 -> two bf16 copies (hi = bf16(W), lo = bf16(W - hi)) in mma fragment order:
-/// for k-chunk kc = i * (C / 32) + c / 32, n-tile nt and lane (g = lane / 4, q = lane % 4), one
-/// uint4 holds W[kc * 32 + 8 q + e][8 nt + g] for e = 0..7 (zero past column nc). Channels are
-/// permuted inside a chunk the same way for X (see project_mma_kernel), which leaves v W exact.
+/// for k-chunk kc = i * (C / 64) + c / 64, n-tile nt, half h and lane (g = lane / 4,
+/// q = lane % 4), one uint4 holds W[kc * 64 + 16 q + 8 h + e][8 nt + g] for e = 0..7 (zero past
+/// column nc), at index ((kc * kMmaNT + nt) * 2 + h) * 32 + lane. Channels are permuted inside a
+/// chunk the same way for X (see project_mma_kernel), which leaves v W exact.
 template <int Unused = 0>
 __global__ void pack_w_kernel(Index k_chunks, int nc, const float* __restrict__ W,
                               uint4* __restrict__ hi, uint4* __restrict__ lo) {
   pdl_wait();
-  const Index total = k_chunks * kMmaNT * 32;
+  const Index total = k_chunks * kMmaNT * 2 * 32;
   for (Index idx = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<Index>(gridDim.x) * blockDim.x) {
     const int lane = static_cast<int>(idx % 32);
-    const int nt = static_cast<int>((idx / 32) % kMmaNT);
-    const Index kc = idx / (32 * kMmaNT);
+    const int h = static_cast<int>((idx / 32) % 2);
+    const int nt = static_cast<int>((idx / 64) % kMmaNT);
+    const Index kc = idx / (64 * kMmaNT);
     const int g = lane >> 2, q = lane & 3, col = nt * 8 + g;
-    const Index k0 = kc * 32 + 8 * q;
-    __nv_bfloat16 h[8], l[8];
+    const Index k0 = kc * kMmaChunk + 16 * q + 8 * h;
+    __nv_bfloat16 hv[8], lv[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const float w = col < nc ? W[(k0 + e) * nc + col] : 0.f;
-      h[e] = __float2bfloat16_rn(w);
-      l[e] = __float2bfloat16_rn(w - __bfloat162float(h[e]));
+      hv[e] = __float2bfloat16_rn(w);
+      lv[e] = __float2bfloat16_rn(w - __bfloat162float(hv[e]));
     }
-    hi[idx] = *reinterpret_cast<const uint4*>(h);
-    lo[idx] = *reinterpret_cast<const uint4*>(l);
+    hi[idx] = *reinterpret_cast<const uint4*>(hv);
+    lo[idx] = *reinterpret_cast<const uint4*>(lv);
   }
 }
 
@@ -156,127 +156,147 @@ __device__ __forceinline__ unsigned word(const uint4& v, int k) {
   return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
 }
 
-__device__ __forceinline__ float sum_squares8(const uint4& v) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-  float s = 0.f;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const float2 f = __bfloat1622float2(h[k]);
-    s += f.x * f.x + f.y * f.y;
-  }
-  return s;
-}
+/// project_mma_kernel: stages of each warp's copy ring, and the ring's shared-memory bytes per
+/// block (4 warps x stages x (X tile of 64 tokens x 128 bytes + the chunk's W fragments)).
+inline constexpr int kProjStages = 2;
+inline constexpr int kProjXBytes = kMmaTokens * kMmaChunk * 2;
+inline constexpr int kProjWBytes = 2 * kMmaNT * 2 * 32 * 16;
+inline constexpr int kProjStageBytes = kProjXBytes + kProjWBytes;
+inline constexpr int kProjSmemBytes = 4 * kProjStages * kProjStageBytes;
+/// Blocks of project_mma_kernel resident at once on an H100/H200 (132 multiprocessors of 228 KB
+/// shared memory, 1 KB of it reserved per block); used only to size the grid, never for
+/// correctness.
+inline constexpr int kMmaResident = 132 * (228 * 1024 / (kProjSmemBytes + 1024));
 
-/// Same partials as project_generic_kernel for n = 4. Block: 4 warps x 64 tokens; the warps
-/// share the tokens and take every 4th 32-channel chunk of the block's split, then sum their
-/// tiles through shared memory in warp order. A thread (g, q) loads 16 bytes of X per row and
-/// chunk (channels 8q..8q+7 of rows g and g+8 of each m-tile): the two mma k-steps of the chunk
-/// use channels 8q+{0..3} and 8q+{4..7}, matched by the packed W.
+/// Same partials as project_generic_kernel, on the tensor cores (n = 4, bf16 X, C % 64 == 0).
+/// Block: 4 warps x 64 tokens; the warps share the tokens and take every 4th 64-channel chunk of
+/// the block's split (together 512 contiguous bytes of each row), then sum their tiles through
+/// shared memory in warp order into the split's partials. Each warp streams its chunks through
+/// a private 2-stage ring in shared memory (cp.async; a warp barrier per stage): per stage its
+/// X tile, copied as whole 128-byte rows (8 lanes per row, so one L2 request per line; the
+/// 16-byte pieces stored XOR-swizzled by row so that the fragment reads are free of bank
+/// conflicts), and the chunk's W fragments. Thread (g, q) then takes channels 16q..16q+15 of
+/// rows g and g + 8 of each m-tile; the four mma k-steps of the chunk use channels
+/// 16q + 4s + {0..3}, s = 0..3, matched by the packed W. The sums of squares run on the tensor
+/// cores too: each m-tile times its own transpose (tokens 0..7 and 8..15 as two n-tiles), of
+/// which the diagonal is kept.
 template <int Unused = 0>
 __global__ void __launch_bounds__(128)
     project_mma_kernel(Index T, Index C, const __nv_bfloat16* __restrict__ X, Index ldx,
                        const uint4* __restrict__ Whi, const uint4* __restrict__ Wlo, int splits,
                        float* __restrict__ part) {
   pdl_wait();
-  constexpr int n = 4, nc = 24, P = nc + 1, MT = kMmaTokens / 16;
+  constexpr int n = 4, nc = 24, P = nc + 1, MT = kMmaTokens / 16, S = kProjStages;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const Index t0 = static_cast<Index>(blockIdx.x) * kMmaTokens;
   const int sp = blockIdx.y;
-  const Index chunks = C / 32;
+  const Index chunks = C / kMmaChunk;
   const Index per = (chunks + splits - 1) / splits;
   const Index c_begin = sp * per;
   const Index c_end = c_begin + per < chunks ? c_begin + per : chunks;
 
   float acc[MT][kMmaNT][4];
-  float ss[MT][2];
+  float sd[MT][2][4];  // X X^T of each m-tile against its tokens 0..7 and 8..15
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    ss[m][0] = ss[m][1] = 0.f;
+  for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int nt = 0; nt < kMmaNT; ++nt)
+    for (int k = 0; k < 4; ++k) {
+      sd[m][0][k] = sd[m][1][k] = 0.f;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) acc[m][nt][k] = 0.f;
-  }
-
-  // This warp takes every 4th 32-channel chunk of the split (the block's 4 warps read 256
-  // contiguous bytes of each row together), walking each stream's rows; the X tile of the next
-  // iteration is loaded before the current one is multiplied (two tiles in flight per warp).
-  const Index my_begin = c_begin + warp;
-  const Index my_chunks = c_end > my_begin ? (c_end - my_begin + 3) / 4 : 0;
-  const int iters = static_cast<int>(my_chunks) * n;
-  // Rows past T re-read row T - 1 (their results are never stored), so loads need no branch.
-  auto load_a = [&](int i, Index c32, uint4 (&a)[MT][2]) {
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        Index t = t0 + 16 * m + g + 8 * h;
-        t = t < T ? t : T - 1;
-        a[m][h] = __ldg(reinterpret_cast<const uint4*>(X + (t * n + i) * ldx + c32 * 32 + 8 * q));
-      }
-  };
-  // W fragments travel by cp.async into a per-warp double buffer one iteration ahead; a lane
-  // reads back only the 16-byte pieces it copied itself, so no barrier is needed. The buffer
-  // shares its bytes with `red`, used after the loop.
-  __shared__ __align__(16) unsigned char s_raw[4 * kMmaTokens * P * sizeof(float)];
-  static_assert(4 * 2 * 2 * kMmaNT * 32 * sizeof(uint4) <= sizeof(s_raw), "W buffer fits");
-  uint4(*s_w)[2][2][kMmaNT][32] = reinterpret_cast<uint4(*)[2][2][kMmaNT][32]>(s_raw);
-  auto load_w = [&](int i, Index c32, int buf) {
-    const Index kc = i * chunks + c32;
-#pragma unroll
-    for (int nt = 0; nt < kMmaNT; ++nt) {
-      cp_async16(&s_w[warp][buf][0][nt][lane], Whi + (kc * kMmaNT + nt) * 32 + lane, 16);
-      cp_async16(&s_w[warp][buf][1][nt][lane], Wlo + (kc * kMmaNT + nt) * 32 + lane, 16);
+      for (int nt = 0; nt < kMmaNT; ++nt) acc[m][nt][k] = 0.f;
     }
+
+  const Index my_begin = c_begin + warp;
+  const int my_chunks = static_cast<int>(c_end > my_begin ? (c_end - my_begin + 3) / 4 : 0);
+  const int iters = my_chunks * n;
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint4* ring = reinterpret_cast<uint4*>(smem + warp * S * kProjStageBytes);
+  // Stage it of the warp: stream i = it / my_chunks, chunk my_begin + 4 (it % my_chunks).
+  // Lane l copies piece l % 8 of rows l / 8 + 4 j (rows past T re-read row T - 1; their results
+  // are never stored) to uint4 slot row * 8 + (piece ^ (row & 7)), then its W fragments.
+  const int piece = lane & 7;
+  auto issue = [&](int it) {
+    if (it < iters) {
+      const int i = it / my_chunks;
+      const Index c64 = my_begin + 4 * (it % my_chunks);
+      uint4* xs = ring + (it % S) * (kProjStageBytes / 16);
+#pragma unroll
+      for (int j = 0; j < kMmaTokens / 4; ++j) {
+        const int row = (lane >> 3) + 4 * j;
+        Index t = t0 + row;
+        t = t < T ? t : T - 1;
+        cp_async16(xs + row * 8 + (piece ^ (row & 7)),
+                   X + (t * n + i) * ldx + c64 * kMmaChunk + 8 * piece, 16);
+      }
+      uint4* wsm = xs + kProjXBytes / 16;
+      const Index kc = i * chunks + c64;
+#pragma unroll
+      for (int f = 0; f < kMmaNT * 2; ++f) {
+        const Index src = (kc * kMmaNT * 2 + f) * 32 + lane;
+        cp_async16(wsm + f * 32 + lane, Whi + src, 16);
+        cp_async16(wsm + (kMmaNT * 2 + f) * 32 + lane, Wlo + src, 16);
+      }
+    }
+    __pipeline_commit();  // possibly empty, so that every iteration waits on the same count
   };
-  uint4 a[MT][2], next[MT][2] = {};
-  int i_cur = 0;
-  Index c_cur = my_begin;  // (stream, chunk) of the current iteration
-  if (iters > 0) load_a(0, my_begin, a), load_w(0, my_begin, 0);
-  __pipeline_commit();
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) issue(st);
   for (int it = 0; it < iters; ++it) {
-    int i_next = i_cur;
-    Index c_next = c_cur + 4;
-    if (c_next >= c_end) c_next = my_begin, ++i_next;
-    if (it + 1 < iters) load_a(i_next, c_next, next), load_w(i_next, c_next, (it + 1) & 1);
-    __pipeline_commit();
-    __pipeline_wait_prior(1);  // this iteration's W fragments have landed
+    __pipeline_wait_prior(S - 2);  // this thread's copies of stage it are done ...
+    __syncwarp();  // ... and every lane's; every lane is also done with stage it - 1
+    issue(it + S - 1);  // into the slot of stage it - 1
+    const uint4* xs = ring + (it % S) * (kProjStageBytes / 16);
+    const uint4* wsm = xs + kProjXBytes / 16;
 #pragma unroll
-    for (int nt = 0; nt < kMmaNT; ++nt) {
-      const uint4 bh = s_w[warp][it & 1][0][nt][lane];
-      const uint4 bl = s_w[warp][it & 1][1][nt][lane];
+    for (int m = 0; m < MT; ++m) {
+      uint4 a[2][2];  // [row g / g + 8][channels 16q..16q+7 / 16q+8..16q+15]
 #pragma unroll
-      for (int s = 0; s < 2; ++s) {
+      for (int r = 0; r < 2; ++r) {
+        const int row = 16 * m + 8 * r + g;
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          const unsigned a0 = word(a[m][0], 2 * s), a1 = word(a[m][1], 2 * s);
-          const unsigned a2 = word(a[m][0], 2 * s + 1), a3 = word(a[m][1], 2 * s + 1);
-          mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bh, 2 * s), word(bh, 2 * s + 1));
-          mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bl, 2 * s), word(bl, 2 * s + 1));
+        for (int h = 0; h < 2; ++h) a[r][h] = xs[row * 8 + ((2 * q + h) ^ (row & 7))];
+      }
+      // Sums of squares: the m-tile times its own transpose, whose B fragments are the rows
+      // g (a0, a2) and g + 8 (a1, a3) of the A fragment.
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const unsigned a0 = word(a[0][h], 2 * s), a1 = word(a[1][h], 2 * s);
+          const unsigned a2 = word(a[0][h], 2 * s + 1), a3 = word(a[1][h], 2 * s + 1);
+          mma_bf16_16816(sd[m][0], a0, a1, a2, a3, a0, a2);
+          mma_bf16_16816(sd[m][1], a0, a1, a2, a3, a1, a3);
+        }
+#pragma unroll
+      for (int nt = 0; nt < kMmaNT; ++nt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint4 bh = wsm[(nt * 2 + h) * 32 + lane];
+          const uint4 bl = wsm[((kMmaNT + nt) * 2 + h) * 32 + lane];
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            const unsigned a0 = word(a[0][h], 2 * s), a1 = word(a[1][h], 2 * s);
+            const unsigned a2 = word(a[0][h], 2 * s + 1), a3 = word(a[1][h], 2 * s + 1);
+            mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bh, 2 * s), word(bh, 2 * s + 1));
+            mma_bf16_16816(acc[m][nt], a0, a1, a2, a3, word(bl, 2 * s), word(bl, 2 * s + 1));
+          }
         }
       }
     }
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      ss[m][0] += sum_squares8(a[m][0]);
-      ss[m][1] += sum_squares8(a[m][1]);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) a[m][h] = next[m][h];
-    }
-    i_cur = i_next;
-    c_cur = c_next;
   }
+  __pipeline_wait_prior(0);
 
-  __syncthreads();  // every warp is done with its W buffer before `red` reuses the bytes
-  float(*red)[kMmaTokens * P] = reinterpret_cast<float(*)[kMmaTokens * P]>(s_raw);
+  __syncthreads();  // every warp is done with its ring before `red` reuses the bytes
+  constexpr int BP = kMmaTokens * P;
+  static_assert(4 * BP * sizeof(float) <= kProjSmemBytes, "reduction fits");
+  float(*red)[BP] = reinterpret_cast<float(*)[BP]>(smem);
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float s = ss[m][h];
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
-      if (q == 0) red[warp][(16 * m + g + 8 * h) * P + nc] = s;
+    // The diagonal of X X^T: token g's sum of squares is element g % 2 of sd[m][0] in thread
+    // (g, q = g / 2), token g + 8's is element 2 + g % 2 of sd[m][1] in the same thread.
+    if (q == g / 2) {
+      red[warp][(16 * m + g) * P + nc] = (g & 1) ? sd[m][0][1] : sd[m][0][0];
+      red[warp][(16 * m + g + 8) * P + nc] = (g & 1) ? sd[m][1][3] : sd[m][1][2];
     }
 #pragma unroll
     for (int nt = 0; nt < kMmaNT; ++nt) {
@@ -288,7 +308,7 @@ __global__ void __launch_bounds__(128)
     }
   }
   __syncthreads();
-  for (int k = threadIdx.x; k < kMmaTokens * P; k += blockDim.x) {
+  for (int k = threadIdx.x; k < BP; k += blockDim.x) {
     const Index t = t0 + k / P;
     if (t < T) part[(sp * T + t0) * P + k] = ((red[0][k] + red[1][k]) + red[2][k]) + red[3][k];
   }
@@ -296,6 +316,7 @@ __global__ void __launch_bounds__(128)
 
 // ---- finalize: partials -> z, r, gates, Sinkhorn -----------------------------------------------
 
+/// One thread per token: its partials summed in split order, then r, z, gates and Sinkhorn.
 template <int N>
 __global__ void __launch_bounds__(32)
     coefficients_finalize_kernel(int n_rt, Index T, Index C, int splits,
@@ -1003,7 +1024,7 @@ __global__ void __launch_bounds__(256, 2)
 
 template <typename S>
 inline bool use_mma(int n, Index C, const S* X, Index ldx) {
-  return std::is_same<S, __nv_bfloat16>::value && n == 4 && C % 32 == 0 &&
+  return std::is_same<S, __nv_bfloat16>::value && n == 4 && C % kMmaChunk == 0 &&
          (X == nullptr || (aligned(X, 16) && ldx % kVec == 0));
 }
 
@@ -1021,7 +1042,7 @@ inline ProjectionPlan projection_plan(int n, Index T, Index C, bool mma, bool ve
     pl.blocks_z = 1;
     // The splits that fill whole waves of kMmaResident blocks best (a partial last wave runs at
     // a fraction of the bandwidth); ties go to fewer splits (fewer partials to sum).
-    const int max_splits = static_cast<int>(C / 32 / 4 > 1 ? C / 32 / 4 : 1);
+    const int max_splits = static_cast<int>(C / kMmaChunk / 4 > 1 ? C / kMmaChunk / 4 : 1);
     pl.splits = 1;
     double best = 0.0;
     for (int s = 1; s <= max_splits && s <= 16; ++s) {
@@ -1095,7 +1116,7 @@ inline ForwardWorkspace forward_workspace(Carve& cv, int n, Index T, Index C, bo
   ForwardWorkspace ws{};
   ws.part = cv.take<float>(static_cast<std::size_t>(pl.splits) * T * (coef_count(n) + 1));
   if (pl.mma) {
-    const std::size_t frags = static_cast<std::size_t>(n) * (C / 32) * kMmaNT * 32;
+    const std::size_t frags = static_cast<std::size_t>(n) * (C / kMmaChunk) * kMmaNT * 2 * 32;
     ws.w_hi = cv.take<uint4>(frags);
     ws.w_lo = cv.take<uint4>(frags);
   }
@@ -1189,26 +1210,28 @@ inline Status coefficients_forward(int n, Index T, Index C, const S* X, Index ld
   const ForwardWorkspace ws = forward_workspace(cv, n, T, C, mma, vec);
   const ProjectionPlan pl = projection_plan(n, T, C, mma, vec);
   if (pl.mma) {
-    const Index k_chunks = n * (C / 32);
-    launch(pack_w_kernel<>, elementwise_blocks(k_chunks * kMmaNT * 32), 256, 0, stream, 
-        k_chunks, coef_count(n), p.W, ws.w_hi, ws.w_lo);
-    launch(project_mma_kernel<>, dim3(pl.blocks_x, pl.splits), 128, 0, stream, 
-        T, C, reinterpret_cast<const __nv_bfloat16*>(X), ldx, ws.w_hi, ws.w_lo, pl.splits,
-        ws.part);
+    const Index k_chunks = n * (C / kMmaChunk);
+    if (cudaFuncSetAttribute(project_mma_kernel<>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kProjSmemBytes) != cudaSuccess)
+      return Status::kCudaError;
+    launch(pack_w_kernel<>, elementwise_blocks(k_chunks * kMmaNT * 2 * 32), 256, 0, stream,
+           k_chunks, coef_count(n), p.W, ws.w_hi, ws.w_lo);
+    launch(project_mma_kernel<>, dim3(pl.blocks_x, pl.splits), 128, kProjSmemBytes, stream, T, C,
+           reinterpret_cast<const __nv_bfloat16*>(X), ldx, ws.w_hi, ws.w_lo, pl.splits, ws.part);
   }
   return dispatch_streams(n, [&](auto nn) {
     constexpr int N = decltype(nn)::value;
     if (!pl.mma) {
       const dim3 grid(pl.blocks_x, pl.splits, pl.blocks_z);
       if (vec)
-        launch(project_generic_kernel<N, kVec, S>, grid, 256, 0, stream, n, T, C, X, ldx, p.W, pl.splits,
-                                                                  ws.part);
+        launch(project_generic_kernel<N, kVec, S>, grid, 256, 0, stream, n, T, C, X, ldx, p.W,
+               pl.splits, ws.part);
       else
-        launch(project_generic_kernel<N, 1, S>, grid, 256, 0, stream, n, T, C, X, ldx, p.W, pl.splits,
-                                                               ws.part);
+        launch(project_generic_kernel<N, 1, S>, grid, 256, 0, stream, n, T, C, X, ldx, p.W,
+               pl.splits, ws.part);
     }
     launch(coefficients_finalize_kernel<N>, ceil_div(T, 32), 32, 0, stream, n, T, C, pl.splits,
-                                                                         ws.part, p, out);
+           ws.part, p, out);
     return last_launch_status();
   });
 }
