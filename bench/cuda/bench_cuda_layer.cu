@@ -4,6 +4,9 @@
 //   time:      CUDA events around each iteration (manual time); the summary uses the median
 //   bytes_min: the spec's minimal bytes (section 6) for the op, each input read once and each
 //              output written once; frac_copy = (bytes_min / time) / copy bandwidth
+//   ops:       the launchers of mhc/cuda (coefficients, pre-mix, update, their backward, the
+//              layer), plus projection_fwd: the coefficient forward's pass over X alone (W
+//              packing + tensor-core projection, no per-token finalize)
 //   copy:      cudaMemcpyAsync device-to-device of a 1 GiB buffer, counted read + write
 //   read:      a read-only stream over 1 GiB (16-byte loads, 4 in flight per thread, one float
 //              written per block): the ceiling of an op that only reads, such as the coefficient
@@ -216,6 +219,24 @@ struct Problem {
   void coefficients() {
     BENCH_OK(mhc::cuda::coefficients_forward<bf16>(kN, T, C, X.p, C, p, coef, ws.p, ws_bytes));
   }
+  // The pass over X of the coefficient forward alone (n = 4, bf16, C % 64 == 0: W packing and
+  // the tensor-core projection, without the per-token finalize), through the same workspace
+  // layout and launch plan as coefficients_forward.
+  void projection() {
+    namespace d = mhc::cuda::detail;
+    d::Carve cv(ws.p);
+    const d::ForwardWorkspace w = d::forward_workspace(cv, kN, T, C, true, true);
+    const d::ProjectionPlan pl = d::projection_plan(kN, T, C, true, true);
+    const Index k_chunks = kN * (C / d::kMmaChunk);
+    BENCH_CUDA(cudaFuncSetAttribute(d::project_mma_kernel<>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    d::kProjSmemBytes));
+    d::launch(d::pack_w_kernel<>, d::elementwise_blocks(k_chunks * d::kMmaNT * 2 * 32), 256, 0,
+              nullptr, k_chunks, kNC, p.W, w.w_hi, w.w_lo);
+    d::launch(d::project_mma_kernel<>, dim3(pl.blocks_x, pl.splits), 128, d::kProjSmemBytes,
+              nullptr, T, C, static_cast<const bf16*>(X.p), C, w.w_hi, w.w_lo, pl.splits, w.part);
+    BENCH_CUDA(cudaGetLastError());
+  }
   void pre_mix() { BENCH_OK(mhc::cuda::pre_mix_forward<bf16>(kN, T, C, X.p, C, h_pre.p, u.p, C)); }
   void update() {
     BENCH_OK(mhc::cuda::update_forward<bf16>(kN, T, C, X.p, C, y.p, C, h_post.p, H_res.p, Xn.p, C));
@@ -357,12 +378,13 @@ struct Op {
 };
 
 // Minimal bytes per token, in units of C s (n = 4):
-//   coefficients: read X (n);  pre-mix: read X, write u (n + 1);  update: read X, y, write X'
-//   (2n + 1);  update backward: read G, X, y, write dy (2n + 2);  layer backward: read G, X, du,
-//   write dX (3n + 1);  layer forward (3n + 2);  layer forward + backward (3n + 2) + (5n + 4).
+//   coefficients (and the projection pass alone): read X (n);  pre-mix: read X, write u (n + 1);
+//   update: read X, y, write X' (2n + 1);  update backward: read G, X, y, write dy (2n + 2);
+//   layer backward: read G, X, du, write dX (3n + 1);  layer forward (3n + 2);  layer forward + backward (3n + 2) + (5n + 4).
 const Op kOps[] = {
     {"copy_X", 2.0 * kN, &Problem::copy},
     {"coefficients_fwd", kN, &Problem::coefficients},
+    {"projection_fwd", kN, &Problem::projection},
     {"pre_mix_fwd", kN + 1, &Problem::pre_mix},
     {"update_fwd", 2 * kN + 1, &Problem::update},
     {"update_bwd", 2 * kN + 2, &Problem::update_backward},
@@ -437,9 +459,9 @@ int main(int argc, char** argv) {
   std::printf("\n## mhc CUDA summary (n = 4, bf16; copy %.0f GB/s read+write; read-only stream "
               "%.0f GB/s)\n\n",
               g_copy_bw * 1e-9, g_read_bw * 1e-9);
-  std::printf("| C | T | coef fwd | pre-mix fwd | update fwd | update bwd | layer bwd | layer fwd | "
-              "layer fwd+bwd | MLP fwd | MLP fwd+bwd | mHC/MLP fwd | mHC/MLP fwd+bwd |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| C | T | coef fwd | projection | pre-mix fwd | update fwd | update bwd | layer bwd | "
+              "layer fwd | layer fwd+bwd | MLP fwd | MLP fwd+bwd | mHC/MLP fwd | mHC/MLP fwd+bwd |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Index C : Cs)
     for (const Index T : Ts) {
       auto key = [&](const char* op) {
