@@ -307,6 +307,8 @@ TEST_CASE("Coefficients: forward matches the definition, backward matches finite
     }
   }
   gradient_case<4>({4, 64, 5}, false, true);
+  // more tokens than two chunks of the fused d_X / d_W pass (64 tokens), with a partial third
+  gradient_case<4>({4, 40, 150}, false, false);
 }
 
 TEST_CASE("Coefficients: rows of H_res sum to one, h_pre in (0, 1), h_post in (0, 2)",

@@ -189,12 +189,14 @@ TEST_CASE("bf16 storage matches double within the stated tolerance", "[bf16]") {
   storage_case<mhc::bf16, mhc::Dynamic>(2, 3, 9);
   storage_case<mhc::bf16, 8>(8, 64, 5);
   storage_case<mhc::bf16, 1>(1, 1, 1);
+  storage_case<mhc::bf16, 4>(4, 257, 150);  // > 2 chunks of the fused backward pass (64 tokens)
 }
 
 TEST_CASE("float storage matches double within the stated tolerance", "[float]") {
   storage_case<float, 4>(4, 257, 33);
   storage_case<float, mhc::Dynamic>(8, 64, 5);
   storage_case<float, 2>(2, 3, 9);
+  storage_case<float, 4>(4, 257, 150);  // > 2 chunks of the fused backward pass (64 tokens)
 }
 
 TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat16", "[bf16]") {
