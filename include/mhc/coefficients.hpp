@@ -14,8 +14,10 @@
 //
 // v W and sum(v^2) come from ONE pass over X (12 tokens at a time for mHC with n = 4, so each row
 // of W read from cache serves 12 tokens; with AVX-512 the register tile of
-// detail/projection_avx512.hpp takes two rows of W per step so that every FMA is 16 lanes wide);
-// the norm is applied after the product. The per-token mappings are the shared MHC_HOST_DEVICE
+// detail/projection_avx512.hpp takes 8 tokens and two rows of W per step, interleaved so that
+// every FMA is 16 lanes wide and one broadcast of a token's two values feeds M / 8 FMAs; X is
+// prefetched 1 KB ahead per row in the tile's walking order); the norm is applied after the
+// product. The per-token mappings are the shared MHC_HOST_DEVICE
 // kernels of detail/coefficient_kernel.hpp and detail/variant_kernel.hpp (the CUDA operators use
 // the same ones), run for one SIMD register of tokens at a time (structure of arrays) when n is
 // fixed at compile time.
@@ -131,8 +133,19 @@ struct CoefficientKernels {
   static constexpr int kPacket = Eigen::internal::packet_traits<Real>::size;
   // Register budget: about 24 packet accumulators per tile (of 32 vector registers with AVX-512).
   static constexpr int kAccPackets = (kMaxM + kPacket - 1) / kPacket;  // per token, forward
-  static constexpr int kTileTokens =  // tokens per tile of the forward projection (12 for n = 4)
-      N == Dynamic ? 8 : std::max(1, std::min(12, 24 / kAccPackets));
+  // Whether the forward projection runs the AVX-512 register tile of detail/projection_avx512.hpp
+  // (float compute type, a compile-time M that is a multiple of 8): M / 8 accumulators per token.
+#if defined(MHC_HAVE_AVX512_KERNELS)
+  static constexpr bool kAvx512Projection = std::is_same<Real, float>::value && N != Dynamic &&
+                                            Mapping::coefficient_count(N > 0 ? N : 1) % 8 == 0;
+#else
+  static constexpr bool kAvx512Projection = false;
+#endif
+  static constexpr int kTileTokens =  // tokens per tile of the forward projection (n = 4: 12, or
+                                      // 8 with the AVX-512 tile)
+      N == Dynamic         ? 8
+      : kAvx512Projection ? std::max(1, std::min(12, 24 / (Mapping::coefficient_count(N) / 8)))
+                          : std::max(1, std::min(12, 24 / kAccPackets));
   // The fused d_X / d_W pass: columns of X per job, tokens per chunk, and how far ahead in its
   // token's row each strip-token step prefetches X and d_X into L1 (the next line).
   static constexpr int kGradBlock = 2048 / int(sizeof(Real));
@@ -265,9 +278,7 @@ struct CoefficientKernels {
 #if defined(MHC_HAVE_AVX512_KERNELS)
   /// Whether the AVX-512 register tile (detail/projection_avx512.hpp) serves a tile of TB tokens.
   template <int TB>
-  static constexpr bool kAvx512Tile = std::is_same<Real, float>::value && kFixedM > 0 &&
-                                      kFixedM % 8 == 0 &&
-                                      TB * (kFixedM / 16 + (kFixedM % 16) / 8) <= 24;
+  static constexpr bool kAvx512Tile = kAvx512Projection && TB * (kFixedM / 8) <= 24;
 #endif
 
   /// Projection for tokens [t0, t0 + TB): the product and sum of squares in one pass over their
@@ -281,22 +292,36 @@ struct CoefficientKernels {
     const Index ldw = p.W.outerStride();
 #if defined(MHC_HAVE_AVX512_KERNELS)
     if constexpr (kAvx512Tile<TB>) {
-      ProjectionTileAvx512<TB, kFixedM / 16, (kFixedM % 16) / 8> tile;
+      ProjectionTileAvx512<TB, kFixedM> tile;
       tile.set_zero();
       for (int i = 0; i < n; ++i) {
         for_each_column_block(C, [&](Index c0, auto, Index w) {
+          // The TB rows are TB separate streams: fetch kPrefetchBlocks blocks ahead in the order
+          // the tile walks them (past the end of row i into row i + 1 of the same token, past
+          // its last row into the first row of token t + TB, the next tile's).
+          Index ahead_c = c0 + kPrefetchBlocks * kColumnBlock, ahead_row = i;
+          while (ahead_c >= C) ahead_c -= C, ++ahead_row;
+          if (ahead_row >= n) ahead_row += (TB - 1) * n;
+          const bool ahead_ok = (t0 + TB - 1) * n + ahead_row < X.rows();
           const float* v[TB];
           [[maybe_unused]] alignas(64) float converted[TB][kColumnBlock];
           for (int t = 0; t < TB; ++t) {
             const Scalar* src = detail::at(X, (t0 + t) * n + i, c0);
-            // The TB rows are TB separate streams: fetch kPrefetchBlocks blocks ahead.
-            const char* ahead = reinterpret_cast<const char*>(src + kPrefetchBlocks * kColumnBlock);
-            for (int line = 0; line < int(kColumnBlock * sizeof(Scalar)); line += 64)
-              prefetch(ahead + line);
+            if (ahead_ok) {
+              const char* ahead =
+                  reinterpret_cast<const char*>(detail::at(X, (t0 + t) * n + ahead_row, ahead_c));
+              for (int line = 0; line < int(kColumnBlock * sizeof(Scalar)); line += 64)
+                prefetch(ahead + line);
+            }
             if constexpr (std::is_same<Scalar, float>::value) {
               v[t] = src;
             } else {
-              bf16_to_float(src, converted[t], w);
+              if (w == kColumnBlock) {  // a full block: 16 at a time (exact)
+                for (int q = 0; q < kColumnBlock; q += 16)
+                  _mm512_store_ps(converted[t] + q, bf16x16_load(src + q));
+              } else {
+                bf16_to_float(src, converted[t], w);
+              }
               v[t] = converted[t];
             }
           }

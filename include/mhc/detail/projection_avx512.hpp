@@ -1,17 +1,28 @@
 // detail/projection_avx512.hpp: the AVX-512 register kernel of the coefficient projection (float
-// compute type, M = 16 kHi + 8 kTail outputs per token, e.g. M = 24 for mHC / HC with n = 4 and
+// compute type, M a multiple of 8 outputs per token, e.g. M = 24 for mHC / HC with n = 4 and
 // M = 32 for mHC-lite with n = 4). Used by Coefficients::forward where the target has AVX-512F;
 // elsewhere the portable Eigen-packet tile of coefficients.hpp runs instead.
 //
-// acc_t (M) += W[k, :] * v_t[k] for a tile of TB tokens, two rows k, k+1 of W at a time so that
-// every FMA is a full 16-lane one:
-//   hi_t[q] += W[k, 16q:16q+16] * v_t[k] + W[k+1, 16q:16q+16] * v_t[k+1]     (q < kHi)
-//   lo_t    += [W[k,16kHi], W[k+1,16kHi], W[k,16kHi+1], W[k+1,16kHi+1], ...]
-//              * [v_t[k], v_t[k+1], v_t[k], v_t[k+1], ...]                  (the 8-wide rest)
-// The interleaved rest row is one permute of two 8-lane loads per pair of rows (shared by the TB
-// tokens); the multiplier is one 64-bit broadcast of (v_t[k], v_t[k+1]). At the end the even and
-// odd lanes of lo_t are added. Per pair of rows: TB (2 kHi + kTail) FMAs, all accumulators in
-// registers (TB (kHi + kTail) <= 24 of the 32 vector registers).
+// acc_t (M) += W[k, :] * v_t[k] for a tile of TB tokens, two rows k, k+1 of W at a time, every
+// output group of 8 in one 16-lane vector whose even lanes take row k and odd lanes row k+1:
+//   acc_t[j] += [W[k,8j], W[k+1,8j], W[k,8j+1], W[k+1,8j+1], ..., W[k,8j+7], W[k+1,8j+7]]
+//               * [v_t[k], v_t[k+1], v_t[k], v_t[k+1], ...]                      (j < M / 8)
+// The M / 8 interleaved W vectors of a pair of rows are built once per pair in registers (two
+// permutes of two 16-float loads per 16 outputs, one of two 8-float loads for an 8-output rest)
+// and shared by the TB tokens; the multiplier is ONE 64-bit broadcast load of (v_t[k], v_t[k+1])
+// per token, shared by its M / 8 FMAs. At the end out[8j + i] = acc[j][2i] + acc[j][2i+1] (the
+// even rows and the odd rows are summed separately, then added). Per pair of rows and token: M / 8
+// FMAs and one load (M = 24: 3 FMAs per load, all 16-lane). TB (M / 8) <= 24 accumulators stay in
+// registers (TB = 8 for M = 24, 6 for M = 32).
+//
+// This replaced (2026-11-29) a tile of 12 tokens that multiplied the first 16 outputs of rows k
+// and k+1 by two 32-bit broadcasts of v_t[k] and v_t[k+1] (and interleaved only the 8-output
+// rest): 36 broadcast loads per 36 FMAs. With the data in L1 (TB rows of 64 columns and W, same
+// loop, repeated) the old tile ran at 177 GFLOP/s (0.79 of the 223 GFLOP/s FMA peak), this one at
+// 205-207 (0.92); 215 (0.97) with W pre-interleaved in memory, but packing W per block into a
+// buffer (it has no workspace) made the whole forward slower (the pack exposes the L2 latency of
+// W). The 12 rows of the old tile also sat at the same 4 KB page offset for C a multiple of 1024
+// (rows of 4 KB multiples), i.e. in the same L1 sets (12 ways); 8 rows leave room for W.
 #pragma once
 
 #include "mhc/detail/operator_support.hpp"
@@ -20,25 +31,44 @@
 
 namespace mhc::detail {
 
-template <int TB, int kHi, int kTail>
+template <int TB, int M>
 struct ProjectionTileAvx512 {
-  static_assert(kTail == 0 || kTail == 1, "the rest is 0 or 8 outputs");
-  static_assert(TB * (kHi + kTail) <= 24, "accumulators must fit in the registers");
-  static constexpr int M = 16 * kHi + 8 * kTail;
-  __m512 hi[TB][kHi > 0 ? kHi : 1];
-  __m512 lo[TB];
+  static_assert(M > 0 && M % 8 == 0, "whole 8-output groups");
+  static constexpr int kVec = M / 8;  // accumulators per token
+  static_assert(TB * kVec <= 24, "accumulators must fit in the registers");
+  __m512 acc[TB][kVec];
   alignas(64) float ss[TB][16];  // sum of squares, lane-wise (in memory: touched once per block)
 
   void set_zero() {
     for (int t = 0; t < TB; ++t) {
-      for (int q = 0; q < kHi; ++q) hi[t][q] = _mm512_setzero_ps();
-      lo[t] = _mm512_setzero_ps();
+      for (int j = 0; j < kVec; ++j) acc[t][j] = _mm512_setzero_ps();
       _mm512_store_ps(ss[t], _mm512_setzero_ps());
     }
   }
 
-  /// Rows [k, k + w) of W (w <= 64, row stride ldw floats, starting at w0) times the tokens'
-  /// values v[t][0, w) (float, w values each).
+  /// The kVec interleaved vectors of rows a, b of W (b taken as zero unless HasB):
+  /// out[j] = [a[8j], b[8j], a[8j+1], b[8j+1], ..., a[8j+7], b[8j+7]].
+  template <bool HasB>
+  static EIGEN_ALWAYS_INLINE void interleave(const float* a, const float* b, __m512* out) {
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi =
+        _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int q = 0; q < M / 16; ++q) {
+      const __m512 ra = _mm512_loadu_ps(a + 16 * q);
+      const __m512 rb = HasB ? _mm512_loadu_ps(b + 16 * q) : _mm512_setzero_ps();
+      out[2 * q] = _mm512_permutex2var_ps(ra, lo, rb);
+      out[2 * q + 1] = _mm512_permutex2var_ps(ra, hi, rb);
+    }
+    if constexpr (M % 16 != 0) {
+      const __m512 ra = _mm512_castps256_ps512(_mm256_loadu_ps(a + M - 8));
+      const __m512 rb =
+          HasB ? _mm512_castps256_ps512(_mm256_loadu_ps(b + M - 8)) : _mm512_setzero_ps();
+      out[kVec - 1] = _mm512_permutex2var_ps(ra, lo, rb);
+    }
+  }
+
+  /// Rows [k, k + w) of W (row stride ldw floats, starting at w0) times the tokens' values
+  /// v[t][0, w) (float, w values each).
   EIGEN_ALWAYS_INLINE void accumulate(const float* w0, Index ldw, const float* const* v, Index w) {
     // Sum of squares: full 16-lane chunks, then a masked rest.
     for (int t = 0; t < TB; ++t) {
@@ -57,68 +87,41 @@ struct ProjectionTileAvx512 {
     }
     // The accumulators live in locals for the block (the members could alias the float loads of
     // v and would be stored back on every iteration).
-    __m512 h[TB][kHi > 0 ? kHi : 1], l[TB];
-    for (int t = 0; t < TB; ++t) {
-      for (int q = 0; q < kHi; ++q) h[t][q] = hi[t][q];
-      l[t] = lo[t];
-    }
-    const __m512i interleave =
-        _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const Index pairs = w / 2;
-    const float* wk = w0;
-    for (Index p = 0; p < pairs; ++p, wk += 2 * ldw) {
-      __m512 wa[kHi > 0 ? kHi : 1], wb[kHi > 0 ? kHi : 1];
-      for (int q = 0; q < kHi; ++q) {
-        wa[q] = _mm512_loadu_ps(wk + 16 * q);
-        wb[q] = _mm512_loadu_ps(wk + ldw + 16 * q);
-      }
-      __m512 wt = _mm512_setzero_ps();
-      if constexpr (kTail) {
-        wt = _mm512_permutex2var_ps(_mm512_castps256_ps512(_mm256_loadu_ps(wk + 16 * kHi)),
-                                    interleave,
-                                    _mm512_castps256_ps512(_mm256_loadu_ps(wk + ldw + 16 * kHi)));
-      }
+    __m512 a[TB][kVec];
+    for (int t = 0; t < TB; ++t)
+      for (int j = 0; j < kVec; ++j) a[t][j] = acc[t][j];
+    // One pair of rows W[k], W[k + 1] (interleaved here, in registers: packing W into a buffer
+    // first measured slower, see docs/operators.md); for the last, unpaired row (Full = false)
+    // the partner row and v_t[k + 1] are taken as zero.
+    const auto step = [&](const float* wa, Index k, auto full) __attribute__((always_inline)) {
+      constexpr bool kFull = decltype(full)::value;
+      __m512 wv[kVec];
+      interleave<kFull>(wa, wa + ldw, wv);
       for (int t = 0; t < TB; ++t) {
-        const float* x = v[t] + 2 * p;
-        for (int q = 0; q < kHi; ++q) {
-          h[t][q] = _mm512_fmadd_ps(wa[q], _mm512_set1_ps(x[0]), h[t][q]);
-          h[t][q] = _mm512_fmadd_ps(wb[q], _mm512_set1_ps(x[1]), h[t][q]);
+        __m512 x;
+        if constexpr (kFull) {
+          double pair;  // (v_t[k], v_t[k + 1])
+          std::memcpy(&pair, v[t] + k, sizeof(double));
+          x = _mm512_castpd_ps(_mm512_set1_pd(pair));
+        } else {
+          x = _mm512_maskz_mov_ps(0x5555, _mm512_set1_ps(v[t][k]));
         }
-        if constexpr (kTail) {
-          double pair;
-          std::memcpy(&pair, x, sizeof(double));
-          l[t] = _mm512_fmadd_ps(wt, _mm512_castpd_ps(_mm512_set1_pd(pair)), l[t]);
-        }
+        for (int j = 0; j < kVec; ++j) a[t][j] = _mm512_fmadd_ps(wv[j], x, a[t][j]);
       }
-    }
-    if (w % 2 != 0) {  // the last, unpaired row: its partner row is zero
-      const Index k = w - 1;
-      const float* wl = w0 + k * ldw;
-      __m512 wa[kHi > 0 ? kHi : 1];
-      for (int q = 0; q < kHi; ++q) wa[q] = _mm512_loadu_ps(wl + 16 * q);
-      __m512 wt = _mm512_setzero_ps();
-      if constexpr (kTail)
-        wt = _mm512_permutex2var_ps(_mm512_castps256_ps512(_mm256_loadu_ps(wl + 16 * kHi)),
-                                    interleave, _mm512_setzero_ps());
-      for (int t = 0; t < TB; ++t) {
-        const __m512 x = _mm512_set1_ps(v[t][k]);
-        for (int q = 0; q < kHi; ++q) h[t][q] = _mm512_fmadd_ps(wa[q], x, h[t][q]);
-        if constexpr (kTail) l[t] = _mm512_fmadd_ps(wt, x, l[t]);
-      }
-    }
-    for (int t = 0; t < TB; ++t) {
-      for (int q = 0; q < kHi; ++q) hi[t][q] = h[t][q];
-      lo[t] = l[t];
-    }
+    };
+    Index k = 0;
+    for (; k + 2 <= w; k += 2) step(w0 + k * ldw, k, std::true_type{});
+    if (k < w) step(w0 + k * ldw, k, std::false_type{});
+    for (int t = 0; t < TB; ++t)
+      for (int j = 0; j < kVec; ++j) acc[t][j] = a[t][j];
   }
 
   /// Token t's M projection values into out[0, M); returns its sum of squares.
   float finish(int t, float* out) const {
-    for (int q = 0; q < kHi; ++q) _mm512_storeu_ps(out + 16 * q, hi[t][q]);
-    if constexpr (kTail) {
+    for (int j = 0; j < kVec; ++j) {
       alignas(64) float l[16];
-      _mm512_store_ps(l, lo[t]);
-      for (int j = 0; j < 8; ++j) out[16 * kHi + j] = l[2 * j] + l[2 * j + 1];
+      _mm512_store_ps(l, acc[t][j]);
+      for (int i = 0; i < 8; ++i) out[8 * j + i] = l[2 * i] + l[2 * i + 1];
     }
     return _mm512_reduce_add_ps(_mm512_load_ps(ss[t]));
   }
