@@ -1,7 +1,8 @@
 // Coefficients (X -> r, z, h_pre, h_post, H_res): forward against the definition of spec 2.1-2.5
 // written independently in double, backward against central finite differences in double for X,
 // W, alpha (3), b_pre, b_post and b_res; static-only mode; argument errors. The same for the HC
-// and mHC-lite mappings (Coefficients<S, N, HcVariant / MhcLiteVariant>).
+// and mHC-lite mappings (Coefficients<S, N, HcVariant / MhcLiteVariant>), whose forward is also
+// checked in float storage against the double reference.
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -195,6 +196,20 @@ void mapping_gradient_case(Mapping m, int n, Index C, Index T, bool is_static) {
   if (!is_static) {
     CHECK((r - ref.r).cwiseAbs().maxCoeff() < 1e-12);
     CHECK((z - ref.z).cwiseAbs().maxCoeff() < 1e-11);
+    // float storage and compute against the same reference: with AVX-512 and M % 8 == 0 (HC with
+    // n = 4: M = 24, mHC-lite with n = 4: M = 32) this runs the register tile of
+    // detail/projection_avx512.hpp, elsewhere the portable one.
+    CoefParamsView<float> pf(p);
+    Padded<float> Xf(X.rows(), X.cols(), pad);
+    Xf.assign(X);
+    RowMat<float> fp(T, n), fq(T, n), fH(T, Index(n) * n), fr(T, 1), fz(T, M);
+    mhc::Coefficients<float, N, Variant>::forward(Xf.cview(), pf.params, fp, fq, fH, fr, fz);
+    const double z_scale = 1.0 + ref.z.cwiseAbs().maxCoeff();
+    CHECK((fz.cast<double>() - ref.z).cwiseAbs().maxCoeff() < 1e-5 * z_scale);
+    CHECK((fr.cast<double>() - ref.r).cwiseAbs().maxCoeff() < 1e-5 * ref.r.cwiseAbs().maxCoeff());
+    CHECK((fp.cast<double>() - ref.h_pre).cwiseAbs().maxCoeff() < 1e-5);
+    CHECK((fq.cast<double>() - ref.h_post).cwiseAbs().maxCoeff() < 1e-5);
+    CHECK((fH.cast<double>() - ref.H_res).cwiseAbs().maxCoeff() < 1e-4);
   }
 
   const RowMat<double> Gp = random_matrix(rng, T, n), Gq = random_matrix(rng, T, n),
