@@ -226,15 +226,8 @@ struct Problem {
     namespace d = mhc::cuda::detail;
     d::Carve cv(ws.p);
     const d::ForwardWorkspace w = d::forward_workspace(cv, kN, T, C, true, true);
-    const d::ProjectionPlan pl = d::projection_plan(kN, T, C, true, true);
-    const Index k_chunks = kN * (C / d::kMmaChunk);
-    BENCH_CUDA(cudaFuncSetAttribute(d::project_mma_kernel<>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    d::kProjSmemBytes));
-    d::launch(d::pack_w_kernel<>, d::elementwise_blocks(k_chunks * d::kMmaNT * 2 * 32), 256, 0,
-              nullptr, k_chunks, kNC, p.W, w.w_hi, w.w_lo);
-    d::launch(d::project_mma_kernel<>, dim3(pl.blocks_x, pl.splits), 128, d::kProjSmemBytes,
-              nullptr, T, C, static_cast<const bf16*>(X.p), C, w.w_hi, w.w_lo, pl.splits, w.part);
+    BENCH_OK(d::launch_mma_projection(T, C, X.p, C, p.W, w,
+                                      d::projection_plan(kN, T, C, true, true), nullptr));
     BENCH_CUDA(cudaGetLastError());
   }
   void pre_mix() { BENCH_OK(mhc::cuda::pre_mix_forward<bf16>(kN, T, C, X.p, C, h_pre.p, u.p, C)); }

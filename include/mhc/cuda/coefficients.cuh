@@ -1170,6 +1170,24 @@ inline Status check_coefficients(const CoefficientsT<P>& c, Index T) {
   return Status::kSuccess;
 }
 
+/// The tensor-core pass over X of the coefficient forward (n = 4, bf16, C % 64 == 0): W packed
+/// into ws.w_hi / ws.w_lo, then the projection's partials into ws.part (no finalize). Shared by
+/// the launcher and the benchmark's projection-only row.
+inline Status launch_mma_projection(Index T, Index C, const __nv_bfloat16* X, Index ldx,
+                                    const float* W, const ForwardWorkspace& ws,
+                                    const ProjectionPlan& pl, cudaStream_t stream) {
+  constexpr int n = 4;
+  const Index k_chunks = n * (C / kMmaChunk);
+  if (cudaFuncSetAttribute(project_mma_kernel<>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           kProjSmemBytes) != cudaSuccess)
+    return Status::kCudaError;
+  launch(pack_w_kernel<>, elementwise_blocks(k_chunks * kMmaNT * 2 * 32), 256, 0, stream, k_chunks,
+         coef_count(n), W, ws.w_hi, ws.w_lo);
+  launch(project_mma_kernel<>, dim3(pl.blocks_x, pl.splits), 128, kProjSmemBytes, stream, T, C, X,
+         ldx, ws.w_hi, ws.w_lo, pl.splits, ws.part);
+  return Status::kSuccess;
+}
+
 }  // namespace detail
 
 // ---- coefficients forward ----------------------------------------------------------------------
@@ -1210,14 +1228,9 @@ inline Status coefficients_forward(int n, Index T, Index C, const S* X, Index ld
   const ForwardWorkspace ws = forward_workspace(cv, n, T, C, mma, vec);
   const ProjectionPlan pl = projection_plan(n, T, C, mma, vec);
   if (pl.mma) {
-    const Index k_chunks = n * (C / kMmaChunk);
-    if (cudaFuncSetAttribute(project_mma_kernel<>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             kProjSmemBytes) != cudaSuccess)
-      return Status::kCudaError;
-    launch(pack_w_kernel<>, elementwise_blocks(k_chunks * kMmaNT * 2 * 32), 256, 0, stream,
-           k_chunks, coef_count(n), p.W, ws.w_hi, ws.w_lo);
-    launch(project_mma_kernel<>, dim3(pl.blocks_x, pl.splits), 128, kProjSmemBytes, stream, T, C,
-           reinterpret_cast<const __nv_bfloat16*>(X), ldx, ws.w_hi, ws.w_lo, pl.splits, ws.part);
+    const Status st = launch_mma_projection(T, C, reinterpret_cast<const __nv_bfloat16*>(X),
+                                            ldx, p.W, ws, pl, stream);
+    if (st != Status::kSuccess) return st;
   }
   return dispatch_streams(n, [&](auto nn) {
     constexpr int N = decltype(nn)::value;
