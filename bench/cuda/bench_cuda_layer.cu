@@ -373,7 +373,8 @@ struct Op {
 // Minimal bytes per token, in units of C s (n = 4):
 //   coefficients (and the projection pass alone): read X (n);  pre-mix: read X, write u (n + 1);
 //   update: read X, y, write X' (2n + 1);  update backward: read G, X, y, write dy (2n + 2);
-//   layer backward: read G, X, du, write dX (3n + 1);  layer forward (3n + 2);  layer forward + backward (3n + 2) + (5n + 4).
+//   layer backward: read G, X, du, write dX (3n + 1);  layer forward (3n + 2);
+//   layer forward + backward (3n + 2) + (5n + 4).
 const Op kOps[] = {
     {"copy_X", 2.0 * kN, &Problem::copy},
     {"coefficients_fwd", kN, &Problem::coefficients},
