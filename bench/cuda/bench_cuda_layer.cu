@@ -5,8 +5,10 @@
 //   bytes_min: the spec's minimal bytes (section 6) for the op, each input read once and each
 //              output written once; frac_copy = (bytes_min / time) / copy bandwidth
 //   ops:       the launchers of mhc/cuda (coefficients, pre-mix, update, their backward, the
-//              layer), plus projection_fwd: the coefficient forward's pass over X alone (W
-//              packing + tensor-core projection, no per-token finalize)
+//              layer), plus coef_fwd_prepacked: the coefficient forward with W packed once
+//              beforehand (MappingParams::W_packed, as an inference engine would), and
+//              projection_fwd: the coefficient forward's pass over X alone (W packing +
+//              tensor-core projection, no per-token finalize)
 //   copy:      cudaMemcpyAsync device-to-device of a 1 GiB buffer, counted read + write
 //   read:      a read-only stream over 1 GiB (16-byte loads, 4 in flight per thread, one float
 //              written per block): the ceiling of an op that only reads, such as the coefficient
@@ -173,9 +175,9 @@ struct Problem {
   Index T = 0, C = 0;
   Dev<bf16> X, G, Xn, dX, y, u, du, dy;
   Dev<float> W, alpha, bias, z, r, h_pre, h_post, H_res, d_h_post, d_H_res, dW, d_alpha, d_bias;
-  Dev<char> ws;
+  Dev<char> ws, W_packed;
   std::size_t ws_bytes = 0;
-  mhc::cuda::MappingParams p;
+  mhc::cuda::MappingParams p, p_packed;  // p_packed: p with W packed once (pack_weights)
   mhc::cuda::Coefficients coef;
   // MLP
   Dev<bf16> mx, mxn, ma, mh, mout, mdout, mdh, mdxn, mdx, W1, W2, dW1, dW2;
@@ -199,6 +201,10 @@ struct Problem {
                          mhc::cuda::layer_backward_workspace_size(kN, T, C, 20)});
     ws.alloc(ws_bytes);
     p.W = W.p, p.alpha = alpha.p, p.bias = bias.p, p.iterations = 20, p.eps = 1e-6f;
+    W_packed.alloc(mhc::cuda::packed_weights_size<bf16>(kN, C));
+    BENCH_OK(mhc::cuda::pack_weights<bf16>(kN, C, W.p, W_packed.p, W_packed.n));
+    p_packed = p;
+    p_packed.W_packed = W_packed.p;
     coef = {z.p, r.p, h_pre.p, h_post.p, H_res.p};
     // MLP buffers
     for (auto* b : {&mx, &mxn, &mout, &mdout, &mdxn, &mdx}) b->alloc(tc);
@@ -219,6 +225,11 @@ struct Problem {
   void coefficients() {
     BENCH_OK(mhc::cuda::coefficients_forward<bf16>(kN, T, C, X.p, C, p, coef, ws.p, ws_bytes));
   }
+  // The same with W packed once beforehand (MappingParams::W_packed): no per-call W packing.
+  void coefficients_prepacked() {
+    BENCH_OK(mhc::cuda::coefficients_forward<bf16>(kN, T, C, X.p, C, p_packed, coef, ws.p,
+                                                   ws_bytes));
+  }
   // The pass over X of the coefficient forward alone (n = 4, bf16, C % 64 == 0: W packing and
   // the tensor-core projection, without the per-token finalize), through the same workspace
   // layout and launch plan as coefficients_forward.
@@ -226,7 +237,7 @@ struct Problem {
     namespace d = mhc::cuda::detail;
     d::Carve cv(ws.p);
     const d::ForwardWorkspace w = d::forward_workspace(cv, kN, T, C, true, true);
-    BENCH_OK(d::launch_mma_projection(T, C, X.p, C, p.W, w,
+    BENCH_OK(d::launch_mma_projection(T, C, X.p, C, p.W, nullptr, w,
                                       d::projection_plan(kN, T, C, true, true), nullptr));
     BENCH_CUDA(cudaGetLastError());
   }
@@ -378,6 +389,7 @@ struct Op {
 const Op kOps[] = {
     {"copy_X", 2.0 * kN, &Problem::copy},
     {"coefficients_fwd", kN, &Problem::coefficients},
+    {"coef_fwd_prepacked", kN, &Problem::coefficients_prepacked},
     {"projection_fwd", kN, &Problem::projection},
     {"pre_mix_fwd", kN + 1, &Problem::pre_mix},
     {"update_fwd", 2 * kN + 1, &Problem::update},
@@ -453,9 +465,9 @@ int main(int argc, char** argv) {
   std::printf("\n## mhc CUDA summary (n = 4, bf16; copy %.0f GB/s read+write; read-only stream "
               "%.0f GB/s)\n\n",
               g_copy_bw * 1e-9, g_read_bw * 1e-9);
-  std::printf("| C | T | coef fwd | projection | pre-mix fwd | update fwd | update bwd | layer bwd | "
+  std::printf("| C | T | coef fwd | coef fwd, W prepacked | projection | pre-mix fwd | update fwd | update bwd | layer bwd | "
               "layer fwd | layer fwd+bwd | MLP fwd | MLP fwd+bwd | mHC/MLP fwd | mHC/MLP fwd+bwd |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Index C : Cs)
     for (const Index T : Ts) {
       auto key = [&](const char* op) {

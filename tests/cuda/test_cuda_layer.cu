@@ -240,6 +240,27 @@ void run_case(int n, Index T, Index C, std::uint64_t seed) {
   CUDA_REQUIRE(cudaDeviceSynchronize());
   CUDA_REQUIRE(cudaGetLastError());
 
+  // W packed once (pack_weights, MappingParams::W_packed) where the tensor-core projection runs:
+  // the same coefficients, bit for bit, as packing inside every call.
+  if (const std::size_t pw_bytes = mhc::cuda::packed_weights_size<S>(n, C)) {
+    DeviceBuffer<char> pw(pw_bytes);
+    DeviceBuffer<float> z2(z.count), r2(r.count), hp2(tn), hq2(tn), H2(H_res.count);
+    for (auto* b : {&z2, &r2, &hp2, &hq2, &H2}) b->poison();
+    REQUIRE(mhc::cuda::pack_weights<S>(n, C, W.ptr, pw.ptr, pw_bytes) == Status::kSuccess);
+    mhc::cuda::MappingParams pp = p;
+    pp.W_packed = pw.ptr;
+    ws.poison();  // the packed copy must not come from the workspace of the earlier call
+    REQUIRE(mhc::cuda::coefficients_forward<S>(n, T, C, X.ptr, ldx, pp,
+                                               {z2.ptr, r2.ptr, hp2.ptr, hq2.ptr, H2.ptr}, ws.ptr,
+                                               ws_bytes) == Status::kSuccess);
+    CUDA_REQUIRE(cudaDeviceSynchronize());
+    CHECK(z2.download() == z.download());
+    CHECK(r2.download() == r.download());
+    CHECK(hp2.download() == h_pre.download());
+    CHECK(hq2.download() == h_post.download());
+    CHECK(H2.download() == H_res.download());
+  }
+
   // Every output written (poison gone) everywhere, not only on the sampled tokens.
   CHECK(count_nonfinite(u.ptr, T, C, C) == 0);
   CHECK(count_nonfinite(Xn.ptr, T * n, C, ldo) == 0);
@@ -390,6 +411,39 @@ TEST_CASE("cuda launchers reject bad arguments before launching", "[cuda]") {
   CHECK(pre_mix_forward<float>(n, T, C, X.ptr, C, h.ptr, X.ptr + C, C) == Status::kAliasing);
   CHECK(pre_mix_forward<float>(n, T, C, X.ptr, C, h.ptr, u.ptr, C - 1) ==
         Status::kInvalidArgument);
+  // pack_weights: only where the tensor-core path exists (n = 4, bf16, C % 64 == 0).
+  {
+    using mhc::cuda::pack_weights;
+    using mhc::cuda::packed_weights_size;
+    const Index Cm = 64;
+    DeviceBuffer<float> Wm(n * Cm * 24);
+    const std::size_t pw_bytes = packed_weights_size<__nv_bfloat16>(n, Cm);
+    CHECK(pw_bytes == Wm.count * sizeof(float));  // bf16 hi + lo: as many bytes as W
+    CHECK(packed_weights_size<float>(n, Cm) == 0);
+    CHECK(packed_weights_size<__nv_bfloat16>(2, Cm) == 0);
+    CHECK(packed_weights_size<__nv_bfloat16>(n, 96) == 0);
+    DeviceBuffer<char> pw(pw_bytes + 16);
+    pw.poison();
+    CHECK(pack_weights<float>(n, Cm, Wm.ptr, pw.ptr, pw_bytes) == Status::kInvalidArgument);
+    CHECK(pack_weights<__nv_bfloat16>(n, 96, Wm.ptr, pw.ptr, pw_bytes) ==
+          Status::kInvalidArgument);
+    CHECK(pack_weights<__nv_bfloat16>(n, Cm, nullptr, pw.ptr, pw_bytes) ==
+          Status::kInvalidArgument);
+    CHECK(pack_weights<__nv_bfloat16>(n, Cm, Wm.ptr, nullptr, pw_bytes) ==
+          Status::kInvalidArgument);
+    CHECK(pack_weights<__nv_bfloat16>(n, Cm, Wm.ptr, pw.ptr, pw_bytes - 1) ==
+          Status::kInvalidArgument);
+    CHECK(pack_weights<__nv_bfloat16>(n, Cm, Wm.ptr, pw.ptr + 8, pw_bytes) ==
+          Status::kMisalignedPointer);
+    CUDA_REQUIRE(cudaDeviceSynchronize());
+    const std::vector<char> untouched = pw.download();
+    CHECK(std::all_of(untouched.begin(), untouched.end(),
+                      [](char v) { return static_cast<unsigned char>(v) == 0xFF; }));
+    bad = p;
+    bad.W_packed = pw.ptr + 8;
+    CHECK(coefficients_forward<float>(n, T, C, X.ptr, C, bad, coef, ws.ptr, ws_bytes) ==
+          Status::kMisalignedPointer);
+  }
   // No launch happened: the device has no pending error and the outputs are untouched.
   CUDA_REQUIRE(cudaDeviceSynchronize());
   CUDA_REQUIRE(cudaGetLastError());

@@ -70,6 +70,11 @@ struct MappingParams {
   const float* bias = nullptr;
   int iterations = 20;   ///< Sinkhorn t_max, in [0, kMaxSinkhornIterations]
   float eps = 1e-6f;     ///< eps_rms in r = sqrt(sum(v^2) / (n C) + eps)
+  /// Optional (16-byte aligned): W as pack_weights (coefficients.cuh) wrote it for the same n
+  /// and C. coefficients_forward then skips packing W on every call where its tensor-core path
+  /// runs (n = 4, bf16, C % 64 == 0), and ignores it elsewhere. The caller repacks whenever W
+  /// changes: a stale copy gives coefficients of the old W.
+  const void* W_packed = nullptr;
 };
 
 /// Per-token coefficients produced by coefficients_forward and read by every other operator,
