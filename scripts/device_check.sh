@@ -98,9 +98,9 @@ for (_, name), d in per.items():
     a = agg.setdefault(name, [0, 0.0, 0.0])
     a[0] += 1; a[1] += d.get("gpu__time_duration.sum", 0) * 1e-3
     a[2] += (d.get("dram__bytes_read.sum", 0) + d.get("dram__bytes_write.sum", 0)) * 1e-6
-print("%-40s %5s %10s %10s %8s" % ("kernel", "calls", "us total", "MB dram", "GB/s"))
+print("%-40s %5s %10s %10s %8s" % ("kernel", "calls", "us / call", "MB / call", "GB/s"))
 for name, (c, us, mb) in agg.items():
-    print("%-40s %5d %10.1f %10.1f %8.0f" % (name[:40], c, us, mb, mb / us * 1e3 if us else 0))
+    print("%-40s %5d %10.1f %10.1f %8.0f" % (name[:40], c, us / c, mb / c, mb / us * 1e3 if us else 0))
 PY
   done
 fi
