@@ -243,8 +243,8 @@ struct Problem {
     namespace d = mhc::cuda::detail;
     d::Carve cv(ws.p);
     const d::ForwardWorkspace w = d::forward_workspace(cv, kN, T, C, true, true);
-    BENCH_OK(d::launch_mma_projection(T, C, X.p, C, p.W, nullptr, w,
-                                      d::projection_plan(kN, T, C, true, true), nullptr));
+    BENCH_OK(d::launch_mma_projection(T, C, X.p, C, p, w, d::projection_plan(kN, T, C, true, true),
+                                      nullptr, nullptr));
     BENCH_CUDA(cudaGetLastError());
   }
   void pre_mix() { BENCH_OK(mhc::cuda::pre_mix_forward<bf16>(kN, T, C, X.p, C, h_pre.p, u.p, C)); }

@@ -12,14 +12,20 @@
 //               partials (splits, T, n^2 + 2n + 1). For n = 4, bf16, C % 64 == 0 it runs on the
 //               tensor cores: mma m16n8k16 with X exact in bf16 and W split as W_hi + W_lo (two
 //               bf16 terms, relative error ~2^-17 per product, fp32 accumulation); otherwise an
-//               fp32 FMA kernel.
-//   finalize    one thread per token: partials summed in split order, then gates + Sinkhorn.
+//               fp32 FMA kernel. W is packed for it per call, or once by pack_weights
+//               (MappingParams::W_packed).
+//   finalize    one thread per token: partials summed in split order, then gates + Sinkhorn;
+//               its own kernel (coalesced through shared memory), or, for the tensor-core
+//               projection split <= 8 ways on sm_90, inside the projection: the splits of a
+//               token tile form a thread-block cluster and its first block sums the others'
+//               partials from their shared memory (same order, same bits).
 //   backward    one thread per token for the coefficient maths, then one pass over X writing dX
 //               and the per-chunk partial dW (for n = 4, bf16, C % 64 == 0 in the fused layer
 //               backward both products with W run on the tensor cores, input_grad_mma_kernel);
 //               dW, dalpha, dbias are summed in a fixed order.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_pipeline.h>
 
 #include "mhc/cuda/common.cuh"
@@ -156,6 +162,65 @@ __device__ __forceinline__ unsigned word(const uint4& v, int k) {
   return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
 }
 
+/// One token's coefficients from its projection sums (spec 2.2-2.5): on entry z holds the sums
+/// of v W and ss the sum of squares; on exit z = (v W) / r with r = sqrt(ss / (n C) + eps)
+/// (returned), and h_pre, h_post, H_res from the shared gates + Sinkhorn maths.
+template <int N, int NM = max_streams_v<N>>
+__device__ __forceinline__ float finalize_token(int n, Index C, float ss, const MappingParams& p,
+                                                float (&z)[NM * NM + 2 * NM], float (&h_pre)[NM],
+                                                float (&h_post)[NM], float (&H)[NM * NM]) {
+  const float r = sqrtf(ss / static_cast<float>(n * C) + p.eps);
+  const float inv_r = 1.f / r;
+#pragma unroll
+  for (int j = 0; j < NM * NM + 2 * NM; ++j) z[j] = z[j] * inv_r;
+  const mhc::detail::GateParams<float> gp{p.alpha[0], p.alpha[1], p.alpha[2],
+                                          p.bias,     p.bias + n, p.bias + 2 * n};
+  float A[NM * NM];
+  mhc::detail::mhc_coefficients_forward<N>(n, p.iterations, z, gp, h_pre, h_post, H, A);
+  return r;
+}
+
+/// Token k's outputs into a staging tile of B tokens (shared memory): z (B x nc) at 0, r at
+/// B nc, h_pre at B (nc + 1), h_post at B (nc + 1 + n), H_res at B (nc + 1 + 2 n).
+template <int NM>
+__device__ __forceinline__ void stage_finalized(float* tile, int B, int k, int n,
+                                                const float (&z)[NM * NM + 2 * NM], float r,
+                                                const float (&h_pre)[NM], const float (&h_post)[NM],
+                                                const float (&H)[NM * NM]) {
+  const int nc = coef_count(n);
+  float* pre = tile + B * (nc + 1);
+  float* post = pre + B * n;
+  float* hs = post + B * n;
+#pragma unroll
+  for (int j = 0; j < NM * NM + 2 * NM; ++j)
+    if (j < nc) tile[k * nc + j] = z[j];
+  tile[B * nc + k] = r;
+#pragma unroll
+  for (int i = 0; i < NM; ++i)
+    if (i < n) pre[k * n + i] = h_pre[i], post[k * n + i] = h_post[i];
+#pragma unroll
+  for (int e = 0; e < NM * NM; ++e)
+    if (e < n * n) hs[k * n * n + e] = H[e];
+}
+
+/// Coalesced stores of the `cnt` tokens from t0 on of a staging tile (stage_finalized); every
+/// thread of the block takes part.
+__device__ __forceinline__ void store_finalized(const float* tile, int B, int cnt, int n, Index t0,
+                                                const Coefficients& out) {
+  const int nc = coef_count(n);
+  const float* rs = tile + B * nc;
+  const float* pre = rs + B;
+  const float* post = pre + B * n;
+  const float* hs = post + B * n;
+  for (int k = threadIdx.x; k < cnt * nc; k += blockDim.x) out.z[t0 * nc + k] = tile[k];
+  for (int k = threadIdx.x; k < cnt; k += blockDim.x) out.r[t0 + k] = rs[k];
+  for (int k = threadIdx.x; k < cnt * n; k += blockDim.x) {
+    out.h_pre[t0 * n + k] = pre[k];
+    out.h_post[t0 * n + k] = post[k];
+  }
+  for (int k = threadIdx.x; k < cnt * n * n; k += blockDim.x) out.H_res[t0 * n * n + k] = hs[k];
+}
+
 /// project_mma_kernel: stages of each warp's copy ring, and the ring's shared-memory bytes per
 /// block (4 warps x stages x (X tile of 64 tokens x 128 bytes + the chunk's W fragments)).
 inline constexpr int kProjStages = 2;
@@ -180,11 +245,13 @@ inline constexpr int kMmaResident = 132 * (228 * 1024 / (kProjSmemBytes + 1024))
 /// 16q + 4s + {0..3}, s = 0..3, matched by the packed W. The sums of squares run on the tensor
 /// cores too: each m-tile times its own transpose (tokens 0..7 and 8..15 as two n-tiles), of
 /// which the diagonal is kept.
-template <int Unused = 0>
+/// FUSED (sm_90, launched as clusters of 1 x splits blocks): no partials; the token tiles are
+/// finalized in the kernel (see its end), into `out`.
+template <bool FUSED = false>
 __global__ void __launch_bounds__(128)
     project_mma_kernel(Index T, Index C, const __nv_bfloat16* __restrict__ X, Index ldx,
                        const uint4* __restrict__ Whi, const uint4* __restrict__ Wlo, int splits,
-                       float* __restrict__ part) {
+                       float* __restrict__ part, MappingParams p, Coefficients out) {
   pdl_wait();
   constexpr int n = 4, nc = 24, P = nc + 1, MT = kMmaTokens / 16, S = kProjStages;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -308,9 +375,46 @@ __global__ void __launch_bounds__(128)
     }
   }
   __syncthreads();
-  for (int k = threadIdx.x; k < BP; k += blockDim.x) {
-    const Index t = t0 + k / P;
-    if (t < T) part[(sp * T + t0) * P + k] = ((red[0][k] + red[1][k]) + red[2][k]) + red[3][k];
+  if constexpr (!FUSED) {
+    for (int k = threadIdx.x; k < BP; k += blockDim.x) {
+      const Index t = t0 + k / P;
+      if (t < T) part[(sp * T + t0) * P + k] = ((red[0][k] + red[1][k]) + red[2][k]) + red[3][k];
+    }
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The splits of this token tile form one thread-block cluster (1 x splits): each block keeps
+    // its partials in shared memory, and block 0 sums them over the cluster (distributed shared
+    // memory) in split order, exactly as coefficients_finalize_kernel sums them from `part`,
+    // then finalizes the tile's tokens. No partials in global memory, no finalize launch.
+    static_assert(5 * BP * sizeof(float) <= kProjSmemBytes, "partials fit beside the reduction");
+    float* mine = reinterpret_cast<float*>(smem) + 4 * BP;
+    for (int k = threadIdx.x; k < BP; k += blockDim.x)
+      mine[k] = ((red[0][k] + red[1][k]) + red[2][k]) + red[3][k];
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every split's partials are in its block's shared memory
+    if (sp == 0) {
+      const int k = threadIdx.x;
+      const int cnt = static_cast<int>(T - t0 < kMmaTokens ? T - t0 : kMmaTokens);
+      float z[nc], h_pre[n], h_post[n], H[n * n], ss = 0.f, r = 0.f;
+      if (k < cnt) {
+#pragma unroll
+        for (int j = 0; j < nc; ++j) z[j] = 0.f;
+        for (int s2 = 0; s2 < splits; ++s2) {
+          const float* src = cluster.map_shared_rank(mine, s2) + k * P;
+#pragma unroll
+          for (int j = 0; j < nc; ++j) z[j] += src[j];
+          ss += src[nc];
+        }
+        r = finalize_token<n>(n, C, ss, p, z, h_pre, h_post, H);
+      }
+      __syncthreads();  // `red` (this block's) becomes the output staging tile
+      if (k < cnt) stage_finalized<n>(red[0], kMmaTokens, k, n, z, r, h_pre, h_post, H);
+      __syncthreads();
+      store_finalized(red[0], kMmaTokens, cnt, n, t0, out);
+    }
+    cluster.sync();  // the other blocks' shared memory stays until block 0 has read it
+#endif
   }
 }
 
@@ -369,45 +473,15 @@ __global__ void __launch_bounds__(kFinalizeTokens)
   const Index t = t0 + tid;
   float z[NCM], h_pre[NM], h_post[NM], H[NM * NM], r = 0.f;
   if (t < T) {
-    float ss = tile[tid * P + nc];
 #pragma unroll
     for (int j = 0; j < NCM; ++j) z[j] = j < nc ? tile[tid * P + j] : 0.f;
-    r = sqrtf(ss / static_cast<float>(n * C) + p.eps);
-    const float inv_r = 1.f / r;
-#pragma unroll
-    for (int j = 0; j < NCM; ++j) z[j] = z[j] * inv_r;
-    const mhc::detail::GateParams<float> gp{p.alpha[0], p.alpha[1], p.alpha[2],
-                                            p.bias,     p.bias + n, p.bias + 2 * n};
-    float A[NM * NM];
-    mhc::detail::mhc_coefficients_forward<N>(n, p.iterations, z, gp, h_pre, h_post, H, A);
+    r = finalize_token<N>(n, C, tile[tid * P + nc], p, z, h_pre, h_post, H);
   }
   pdl_trigger();  // only the stores are left: let the next kernel be scheduled
   __syncthreads();  // every thread has read its partials: the tile now takes the outputs
-  float* zs = tile;                     // cnt x nc
-  float* rs = zs + B * nc;              // cnt
-  float* pre = rs + B;                  // cnt x n
-  float* post = pre + B * n;            // cnt x n
-  float* hs = post + B * n;             // cnt x n^2
-  if (t < T) {
-#pragma unroll
-    for (int j = 0; j < NCM; ++j)
-      if (j < nc) zs[tid * nc + j] = z[j];
-    rs[tid] = r;
-#pragma unroll
-    for (int i = 0; i < NM; ++i)
-      if (i < n) pre[tid * n + i] = h_pre[i], post[tid * n + i] = h_post[i];
-#pragma unroll
-    for (int k = 0; k < NM * NM; ++k)
-      if (k < n * n) hs[tid * n * n + k] = H[k];
-  }
+  if (t < T) stage_finalized<NM>(tile, B, tid, n, z, r, h_pre, h_post, H);
   __syncthreads();
-  for (int k = tid; k < cnt * nc; k += B) out.z[t0 * nc + k] = zs[k];
-  if (tid < cnt) out.r[t0 + tid] = rs[tid];
-  for (int k = tid; k < cnt * n; k += B) {
-    out.h_pre[t0 * n + k] = pre[k];
-    out.h_post[t0 * n + k] = post[k];
-  }
-  for (int k = tid; k < cnt * n * n; k += B) out.H_res[t0 * n * n + k] = hs[k];
+  store_finalized(tile, B, cnt, n, t0, out);
 }
 
 // ---- backward ----------------------------------------------------------------------------------
@@ -1226,24 +1300,36 @@ inline void launch_pack_w(Index C, const float* W, uint4* hi, cudaStream_t strea
          coef_count(4), W, hi, hi + packed_w_fragments(C));
 }
 
+/// Most splits of the projection that one cluster of the fused projection + finalize takes (the
+/// portable cluster size); more splits go through partials and coefficients_finalize_kernel.
+inline constexpr int kMaxFusedSplits = 8;
+
+/// Whether coefficients_forward finalizes inside the tensor-core projection (clusters: sm_90).
+inline bool fused_finalize(const ProjectionPlan& pl) {
+  return pl.mma && pl.splits <= kMaxFusedSplits && device_major() >= 9;
+}
+
 /// The tensor-core pass over X of the coefficient forward (n = 4, bf16, C % 64 == 0): W packed
-/// into ws.w_hi / ws.w_lo unless `W_packed` already holds it (pack_weights), then the
-/// projection's partials into ws.part (no finalize). Shared by the launcher and the benchmark's
-/// projection-only row.
+/// into the workspace unless p.W_packed already holds it (pack_weights), then the projection:
+/// with `fused_out`, finalized into it (fused_finalize(pl) must hold), else its partials into
+/// ws.part. Shared by the launcher and the benchmark's projection-only row.
 inline Status launch_mma_projection(Index T, Index C, const __nv_bfloat16* X, Index ldx,
-                                    const float* W, const void* W_packed,
-                                    const ForwardWorkspace& ws, const ProjectionPlan& pl,
+                                    const MappingParams& p, const ForwardWorkspace& ws,
+                                    const ProjectionPlan& pl, const Coefficients* fused_out,
                                     cudaStream_t stream) {
-  if (cudaFuncSetAttribute(project_mma_kernel<>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           kProjSmemBytes) != cudaSuccess)
+  const auto kernel = fused_out ? project_mma_kernel<true> : project_mma_kernel<false>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kProjSmemBytes) !=
+      cudaSuccess)
     return Status::kCudaError;
-  const uint4* hi = static_cast<const uint4*>(W_packed);
+  const uint4* hi = static_cast<const uint4*>(p.W_packed);
   if (!hi) {
-    launch_pack_w(C, W, ws.w_hi, stream);
+    launch_pack_w(C, p.W, ws.w_hi, stream);
     hi = ws.w_hi;
   }
-  launch(project_mma_kernel<>, dim3(pl.blocks_x, pl.splits), 128, kProjSmemBytes, stream, T, C, X,
-         ldx, hi, hi + packed_w_fragments(C), pl.splits, ws.part);
+  launch_clusters(kernel, dim3(pl.blocks_x, pl.splits), dim3(1, fused_out ? pl.splits : 1),
+                  dim3(128), kProjSmemBytes, stream, T, C, X, ldx, hi,
+                  hi + packed_w_fragments(C), pl.splits, ws.part, p,
+                  fused_out ? *fused_out : Coefficients{});
   return Status::kSuccess;
 }
 
@@ -1314,9 +1400,10 @@ inline Status coefficients_forward(int n, Index T, Index C, const S* X, Index ld
   const ForwardWorkspace ws = forward_workspace(cv, n, T, C, mma, vec);
   const ProjectionPlan pl = projection_plan(n, T, C, mma, vec);
   if (pl.mma) {
-    const Status st = launch_mma_projection(T, C, reinterpret_cast<const __nv_bfloat16*>(X),
-                                            ldx, p.W, p.W_packed, ws, pl, stream);
-    if (st != Status::kSuccess) return st;
+    const bool fused = fused_finalize(pl);
+    MHC_CUDA_TRY(launch_mma_projection(T, C, reinterpret_cast<const __nv_bfloat16*>(X), ldx, p,
+                                       ws, pl, fused ? &out : nullptr, stream));
+    if (fused) return last_launch_status();
   }
   return dispatch_streams(n, [&](auto nn) {
     constexpr int N = decltype(nn)::value;

@@ -202,45 +202,68 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+/// Compute capability major of the current device (0 when it cannot be queried), cached per
+/// device, so a launch costs one cudaGetDevice, not an attribute query as well.
+inline int device_major() {
+  static std::atomic<signed char> cached[64];  // per device: 0 unknown, else major
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  const bool cacheable = device >= 0 && device < 64;
+  if (cacheable) {
+    const signed char c = cached[device].load(std::memory_order_relaxed);
+    if (c != 0) return c;
+  }
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    return 0;
+  if (cacheable) cached[device].store(static_cast<signed char>(major), std::memory_order_relaxed);
+  return major;
+}
+
 /// Whether the current device takes programmatic dependent launches (compute capability >= 9;
-/// define MHC_CUDA_NO_PDL to launch every kernel plainly). The answer is cached per device, so a
-/// launch costs one cudaGetDevice, not an attribute query as well.
+/// define MHC_CUDA_NO_PDL to launch every kernel plainly).
 inline bool pdl_supported() {
 #ifdef MHC_CUDA_NO_PDL
   return false;
 #else
-  static std::atomic<signed char> cached[64];  // per device: 0 unknown, 1 yes, -1 no
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  const bool cacheable = device >= 0 && device < 64;
-  if (cacheable) {
-    const signed char c = cached[device].load(std::memory_order_relaxed);
-    if (c != 0) return c > 0;
-  }
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-    return false;
-  if (cacheable) cached[device].store(major >= 9 ? 1 : -1, std::memory_order_relaxed);
-  return major >= 9;
+  return device_major() >= 9;
 #endif
 }
 
 /// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization where the
-/// device supports it. Errors surface through last_launch_status() like a <<<>>> launch.
+/// device supports it, as thread-block clusters of `cluster` blocks unless that is 1 x 1 x 1
+/// (clusters need compute capability 9; the caller checks). Errors surface through
+/// last_launch_status() like a <<<>>> launch.
 template <typename... Params, typename... Args>
-inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem,
-                   cudaStream_t stream, Args&&... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+inline void launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 cluster, dim3 block,
+                            std::size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr[2];
+  unsigned count = 0;
+  if (pdl_supported()) {
+    attr[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster.x * cluster.y * cluster.z > 1) {
+    attr[count].id = cudaLaunchAttributeClusterDimension;
+    attr[count].val.clusterDim.x = cluster.x;
+    attr[count].val.clusterDim.y = cluster.y;
+    attr[count++].val.clusterDim.z = cluster.z;
+  }
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_supported() ? 1 : 0;
+  cfg.numAttrs = count;
   (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
+/// launch_clusters without clusters.
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem,
+                   cudaStream_t stream, Args&&... args) {
+  launch_clusters(kernel, grid, dim3(1, 1, 1), block, smem, stream, std::forward<Args>(args)...);
 }
 
 /// Hint: bring the 32-byte sector holding p into L2 (no register result, never faults on a valid
