@@ -239,6 +239,25 @@ void mapping_gradient_case(Mapping m, int n, Index C, Index T, bool is_static) {
         flat(X), flat(dX), rng, 1e-6, fd_coords(60));
     CAPTURE(gX.worst, gX.analytic, gX.numeric);
     CHECK(gX.max_error < 1e-6);
+    // float storage and compute against this double backward (same r, z): with AVX-512 and a
+    // compile-time n the fused d_X / d_W pass runs its register passes (HC n = 4: M = 24, two
+    // passes; mHC-lite n = 4: M = 32, three; n = 2, 3: one), elsewhere the portable loop.
+    CoefParamsView<float> pf(p);
+    Padded<float> Xf(X.rows(), X.cols(), pad), dXf(X.rows(), X.cols(), pad);
+    Xf.assign(X);
+    dXf.assign(D0);
+    const RowMat<double> D0f = dXf.to_double();
+    RowMat<float> dWf(p.W.rows(), M);
+    Eigen::VectorXf fa(3), fbp(n), fbq(n), fbr(R);
+    Eigen::VectorXf wsf(mhc::Coefficients<float, N, Variant>::workspace_size(T, n, C));
+    const RowMat<float> rf = r.cast<float>(), zf = z.cast<float>();
+    mhc::Coefficients<float, N, Variant>::backward(Xf.cview(), pf.params, rf, zf, Gp.cast<float>(),
+                                                   Gq.cast<float>(), GH.cast<float>(), dXf.view(),
+                                                   {dWf, fa, fbp, fbq, fbr}, wsf);
+    const double dx_scale = 1.0 + dX.cwiseAbs().maxCoeff() + D0.cwiseAbs().maxCoeff();
+    CHECK((dXf.to_double() - D0f - dX).cwiseAbs().maxCoeff() < 1e-5 * dx_scale);
+    CHECK((dWf.cast<double>() - dW).cwiseAbs().maxCoeff() <
+          1e-5 * (1.0 + dW.cwiseAbs().maxCoeff()));
   }
   check_parameter_gradients(loss_of, X, p, {dW, d_alpha, db_pre, db_post, db_res}, is_static, rng);
 }
@@ -263,6 +282,7 @@ TEST_CASE("Coefficients with the HC and mHC-lite mappings: forward matches the d
   mapping_cases<HcVariant, Dynamic>(hc, 3, 17, 13);
   mapping_cases<HcVariant, 2>(hc, 2, 33, 5);
   mapping_cases<HcVariant, 4>(hc, 4, 64, 13);
+  mapping_cases<HcVariant, 4>(hc, 4, 75, 70);  // > 1 chunk of the fused pass, a partial strip
   // mHC-lite: width n! + 2n (smaller than n^2 + 2n for n <= 3, larger for n = 4, 5).
   mapping_cases<MhcLiteVariant, Dynamic>(lite, 1, 5, 3);
   mapping_cases<MhcLiteVariant, Dynamic>(lite, 2, 7, 13);

@@ -47,6 +47,7 @@
 #pragma once
 
 #include <cmath>
+#include <utility>
 
 #include "mhc/detail/coefficient_kernel.hpp"
 #include "mhc/detail/operator_support.hpp"
@@ -447,6 +448,99 @@ struct CoefficientKernels {
     (void)n;
   }
 
+  // Register passes (see grad_block): with 32 vector registers of 16 floats (AVX-512) and a
+  // compile-time M, a full strip goes over each chunk in kPasses passes of at most kPassLimit
+  // coefficients; each pass holds its part of the strip's W block and of its d_W accumulators
+  // in registers (2 x 12 of 32 for M = 24), so one broadcast of g_t[m] feeds both FMAs.
+  static constexpr bool kRegisterPasses = N != Dynamic && kPacket == 16;
+  static constexpr int kPassLimit = 12;
+  static constexpr int kPasses = kFixedM > 0 ? (kFixedM + kPassLimit - 1) / kPassLimit : 1;
+  static constexpr int kPassM = kFixedM > 0 ? (kFixedM + kPasses - 1) / kPasses : 1;
+  // partial sums of a token's d_X within a pass (independent FMA chains)
+  static constexpr int kDxChains = 2;
+
+  /// Pass P of a full strip (columns [col, col + kPacket) of stream row i) over the chunk's
+  /// tokens [t0, t1): coefficients [P kPassM, P kPassM + MP). The first pass reads X and d_X
+  /// (prefetching the next line of both rows into L2) and starts each token's d_X sum from
+  /// d_X_old - beta_t v_t; a pass that is not the last leaves the sum (float, not rounded) in
+  /// dxbuf and the first one X (in the compute type) in vbuf, where the next pass picks them up;
+  /// the last one writes d_X. d_W accumulates in token order as in the single loop (bit for bit).
+  template <int P>
+  static void grad_strip_pass(const ConstBatchRef<Scalar>& X, BatchRef<Scalar>& d_X, int n, int i,
+                              Index col, Index t0, Index t1, const Real* wp, Real* dwp,
+                              const Real* g, Index ldg, Index beta_offset, bool prefetch_next,
+                              Real* vbuf, Real* dxbuf) {
+    using namespace Eigen::internal;
+    constexpr int m0 = P * kPassM;
+    constexpr int MP = std::min(kPassM, kFixedM - m0);
+    constexpr bool kFirst = P == 0, kLast = P == kPasses - 1;
+    constexpr int D = std::min(kDxChains, MP);
+    [[maybe_unused]] alignas(64) Real buf[kPacket];
+    Packet wr[MP], acc[MP];
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 128
+#endif
+    for (int m = 0; m < MP; ++m) {
+      wr[m] = ploadu<Packet>(wp + (m0 + m) * kPacket);
+      acc[m] = t0 == 0 ? pset1<Packet>(Real(0)) : ploadu<Packet>(dwp + (m0 + m) * kPacket);
+    }
+    for (Index t = t0; t < t1; ++t) {
+      const Real* gt = g + t * ldg;
+      Real* const vt = vbuf + (t - t0) * kPacket;
+      Real* const dxt = dxbuf + (t - t0) * kPacket;
+      Packet v, dx[D];
+      if constexpr (kFirst) {
+        const Scalar* src = detail::at(X, t * n + i, col);
+        const Scalar* dst = detail::at(d_X, t * n + i, col);
+        if (prefetch_next) {  // into L2 (see grad_block)
+          prefetch<2>(reinterpret_cast<const char*>(src) + kPrefetchBytes);
+          prefetch<2>(reinterpret_cast<const char*>(dst) + kPrefetchBytes);
+        }
+        v = load_packet(src, buf);
+        if constexpr (!kLast) pstore(vt, v);
+        dx[0] = pmadd(pset1<Packet>(-gt[beta_offset]), v, load_packet(dst, buf));
+      } else {
+        v = pload<Packet>(vt);
+        dx[0] = pload<Packet>(dxt);
+      }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 128
+#endif
+      for (int d = 1; d < D; ++d) dx[d] = pset1<Packet>(Real(0));
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 128
+#endif
+      for (int m = 0; m < MP; ++m) {
+        const Packet gm = pset1<Packet>(gt[m0 + m]);
+        dx[m % D] = pmadd(gm, wr[m], dx[m % D]);
+        acc[m] = pmadd(gm, v, acc[m]);
+      }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 128
+#endif
+      for (int d = 1; d < D; ++d) dx[0] = padd(dx[0], dx[d]);
+      if constexpr (kLast)
+        store_packet(detail::at(d_X, t * n + i, col), dx[0], buf);
+      else
+        pstore(dxt, dx[0]);
+    }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 128
+#endif
+    for (int m = 0; m < MP; ++m) pstoreu(dwp + (m0 + m) * kPacket, acc[m]);
+  }
+
+  /// All passes of a full strip, in order.
+  template <int... P>
+  static void grad_strip_passes(std::integer_sequence<int, P...>, const ConstBatchRef<Scalar>& X,
+                                BatchRef<Scalar>& d_X, int n, int i, Index col, Index t0, Index t1,
+                                const Real* wp, Real* dwp, const Real* g, Index ldg,
+                                Index beta_offset, bool prefetch_next, Real* vbuf, Real* dxbuf) {
+    (grad_strip_pass<P>(X, d_X, n, i, col, t0, t1, wp, dwp, g, ldg, beta_offset, prefetch_next,
+                        vbuf, dxbuf),
+     ...);
+  }
+
   /// The fused d_X / d_W pass over one block of K = n*C (columns [c0, c0 + w) of stream row i,
   /// k = i*C + c, c0 a multiple of kGradBlock, w <= kGradBlock), for EVERY token in token order:
   ///   d_X_t[k] += sum_m W[k][m] g_t[m] - v_t[k] beta_t          (each element once)
@@ -462,7 +556,26 @@ struct CoefficientKernels {
   /// DRAM is left to the hardware prefetchers, which follow the rows. At the end the block of dWp
   /// goes to d_W.
   ///
-  /// With kTwoPass (bf16), a full strip goes over the chunk twice instead: first d_W (the
+  /// With kRegisterPasses (AVX-512: 32 registers of 16 floats; a compile-time n), a full strip goes
+  /// over the chunk in kPasses = ceil(M / 12) passes of at most 12 coefficients instead
+  /// (grad_strip_pass; M = 24: m in [0, 12), then [12, 24)): the pass's 12 packets of W and its 12
+  /// d_W accumulators stay in registers over the chunk, so per token one broadcast of g_t[m] feeds
+  /// both FMAs (d_W[m] += g_t[m] v_t and the d_X sum += g_t[m] W[m]): about 29 loads per 49 FMAs
+  /// instead of 50 per 48, which bound the single loop (float, a small working set, 1 thread: 0.45
+  /// -> 0.75 of the FMA peak). The first pass loads X and d_X, starts the d_X sum from d_X_old -
+  /// beta_t v_t and leaves it (float) and X (converted for bf16) in two chunk buffers on the stack
+  /// (TC x kPacket floats each, L1); the last adds its part and writes d_X once (one bf16
+  /// rounding). d_W is summed in token order with the same FMAs as in the single loop (bit for
+  /// bit); the d_X sum's order differs (two partial sums per pass), so d_X moves in the last bits.
+  /// The first pass prefetches the next line of X and of d_X into L2, not L1: the 64 token rows of
+  /// a strip lie a multiple of 4 KB apart (n C s bytes for every C in the benchmark), all in ONE L1
+  /// set (12 ways), so lines prefetched one strip ahead into L1 evict each other before they are
+  /// read. Paired A/B against the single loop / kTwoPass (scratch harness, whole backward, bench
+  /// shapes; docs/operators.md): float 1.13-1.19x, bf16 1.03-1.09x (1 and 2 threads; one noisier
+  /// 2-thread run: float 1.02-1.07x, bf16 0.97-1.00x).
+  ///
+  /// Otherwise (no AVX-512: 16 registers; a run-time n; the row's last, narrower strip), with
+  /// kTwoPass (bf16, compile-time n) a full strip goes over the chunk twice: first d_W (the
   /// accumulators in registers, X converted once into a chunk buffer), then d_X (the M x kPacket
   /// block of W in registers, X from that buffer); the same operations in the same order, so the
   /// results are bit for bit those of the single pass, and W is loaded once per chunk, not per
@@ -485,6 +598,9 @@ struct CoefficientKernels {
     constexpr int kAccs = N == Dynamic ? kMaxM : Mapping::coefficient_count(N > 0 ? N : 1);
     constexpr int TC = kChunkTokens;
     alignas(64) Real buf[kPacket];
+    // the register passes' chunk buffers (X in the compute type, the d_X sums between passes)
+    [[maybe_unused]] alignas(64) Real vbuf[kRegisterPasses ? TC * kPacket : 1];
+    [[maybe_unused]] alignas(64) Real dxbuf[kRegisterPasses ? TC * kPacket : 1];
     // strips at byte offsets below this have a line of the block kPrefetchBytes further on
     const Index prefetch_end = w * Index(sizeof(Scalar)) - kPrefetchBytes;
     for (Index t0 = 0; t0 < T; t0 += TC) {
@@ -494,6 +610,13 @@ struct CoefficientKernels {
         const Real* wp = Wp + (Index(i) * Cp + c0 + s) * M;
         Real* dwp = dWp + (Index(i) * Cp + c0 + s) * M;
         const bool prefetch_next = s * Index(sizeof(Scalar)) < prefetch_end;
+        if constexpr (kRegisterPasses) {
+          if (ws == kPacket) {
+            grad_strip_passes(std::make_integer_sequence<int, kPasses>(), X, d_X, n, i, c0 + s, t0,
+                              t1, wp, dwp, g, ldg, beta_offset, prefetch_next, vbuf, dxbuf);
+            continue;
+          }
+        }
         // For a fixed n every loop over m has the compile-time bound kAccs (= M) and is unrolled,
         // so that acc stays in registers.
         const int MA = N == Dynamic ? M : kAccs;
