@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Summarises one or more bench_operators runs (Google Benchmark JSON) as a Markdown table.
+
+usage: bench_operators_summary.py RUN.json [RUN.json ...]
+One row per storage / operator / thread count, one column per C: the target ratio of each cell,
+vs_memcpy for PreMix and Update, vs_roofline for Coefficients, as the median over the runs with
+the lowest and highest run in brackets. Above the table: each run's FMA peak (1 / 2 threads),
+which says whether the run was disturbed (another guest on the vCPUs halves the 2-thread peak).
+"""
+import json
+import statistics
+import sys
+
+
+def main():
+    runs = []
+    for path in sys.argv[1:]:
+        data = json.load(open(path))
+        runs.append({b["name"].replace("/real_time", ""): b for b in data["benchmarks"]})
+    peaks = "; ".join(
+        "%d / %d" % (round(r["fma_peak/1/iterations:1"]["GFLOPs"]),
+                     round(r["fma_peak/2/iterations:1"]["GFLOPs"])) for r in runs)
+    print(f"{len(runs)} run(s); FMA peak, GFLOP/s on 1 / 2 threads: {peaks}\n")
+    print("| storage | operator | threads | C = 1024 | C = 4096 | C = 7168 |")
+    print("|---|---|---|---|---|---|")
+    for storage in ("float", "bf16"):
+        for op in ("PreMix/forward", "PreMix/backward", "Update/forward", "Update/backward",
+                   "Coefficients/forward", "Coefficients/backward"):
+            counter = "vs_roofline" if op.startswith("Coefficients") else "vs_memcpy"
+            for threads in (1, 2):
+                cells = []
+                for C in (1024, 4096, 7168):
+                    key = f"{storage}/{op}/C:{C}/threads:{threads}"
+                    values = [r[key][counter] for r in runs if key in r]
+                    if not values:
+                        cells.append("-")
+                        continue
+                    med = statistics.median(values)
+                    cells.append(f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+                                 if len(values) > 1 else f"{med:.2f}")
+                print(f"| {storage} | {op.replace('/', ' ')} ({counter}) | {threads} | "
+                      + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
