@@ -381,7 +381,7 @@ __global__ void __launch_bounds__(128)
       if (t < T) part[(sp * T + t0) * P + k] = ((red[0][k] + red[1][k]) + red[2][k]) + red[3][k];
     }
   } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && MHC_CUDA_CLUSTERS
     // The splits of this token tile form one thread-block cluster (1 x splits): each block keeps
     // its partials in shared memory, and block 0 sums them over the cluster (distributed shared
     // memory) in split order, exactly as coefficients_finalize_kernel sums them from `part`,
@@ -1306,7 +1306,7 @@ inline constexpr int kMaxFusedSplits = 8;
 
 /// Whether coefficients_forward finalizes inside the tensor-core projection (clusters: sm_90).
 inline bool fused_finalize(const ProjectionPlan& pl) {
-  return pl.mma && pl.splits <= kMaxFusedSplits && device_major() >= 9;
+  return MHC_CUDA_CLUSTERS && pl.mma && pl.splits <= kMaxFusedSplits && device_major() >= 9;
 }
 
 /// The tensor-core pass over X of the coefficient forward (n = 4, bf16, C % 64 == 0): W packed

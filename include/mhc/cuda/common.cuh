@@ -230,6 +230,14 @@ inline bool pdl_supported() {
 #endif
 }
 
+/// Thread-block clusters (sm_90) need CUDA 12; with an older toolkit the kernels that use them
+/// are never launched as such (detail::fused_finalize says no).
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12000
+#define MHC_CUDA_CLUSTERS 1
+#else
+#define MHC_CUDA_CLUSTERS 0
+#endif
+
 /// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization where the
 /// device supports it, as thread-block clusters of `cluster` blocks unless that is 1 x 1 x 1
 /// (clusters need compute capability 9; the caller checks). Errors surface through
@@ -243,12 +251,16 @@ inline void launch_clusters(void (*kernel)(Params...), dim3 grid, dim3 cluster, 
     attr[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[count++].val.programmaticStreamSerializationAllowed = 1;
   }
+#if MHC_CUDA_CLUSTERS
   if (cluster.x * cluster.y * cluster.z > 1) {
     attr[count].id = cudaLaunchAttributeClusterDimension;
     attr[count].val.clusterDim.x = cluster.x;
     attr[count].val.clusterDim.y = cluster.y;
     attr[count++].val.clusterDim.z = cluster.z;
   }
+#else
+  (void)cluster;
+#endif
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
