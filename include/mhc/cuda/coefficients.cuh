@@ -414,6 +414,8 @@ __global__ void __launch_bounds__(128)
       store_finalized(red[0], kMmaTokens, cnt, n, t0, out);
     }
     cluster.sync();  // the other blocks' shared memory stays until block 0 has read it
+#else
+    __trap();  // never launched: fused_finalize() requires this code built for sm_90 or later
 #endif
   }
 }
@@ -1304,9 +1306,21 @@ inline void launch_pack_w(Index C, const float* W, uint4* hi, cudaStream_t strea
 /// portable cluster size); more splits go through partials and coefficients_finalize_kernel.
 inline constexpr int kMaxFusedSplits = 8;
 
+/// Whether the fused projection was compiled for sm_90 or later (PTX of an older virtual
+/// architecture, JIT-compiled for a newer GPU, has no cluster code). Queried once.
+inline bool fused_projection_built() {
+  static const bool built = [] {
+    cudaFuncAttributes a{};
+    return cudaFuncGetAttributes(&a, project_mma_kernel<true>) == cudaSuccess &&
+           a.ptxVersion >= 90;
+  }();
+  return built;
+}
+
 /// Whether coefficients_forward finalizes inside the tensor-core projection (clusters: sm_90).
 inline bool fused_finalize(const ProjectionPlan& pl) {
-  return MHC_CUDA_CLUSTERS && pl.mma && pl.splits <= kMaxFusedSplits && device_major() >= 9;
+  return MHC_CUDA_CLUSTERS && pl.mma && pl.splits <= kMaxFusedSplits && device_major() >= 9 &&
+         fused_projection_built();
 }
 
 /// The tensor-core pass over X of the coefficient forward (n = 4, bf16, C % 64 == 0): W packed
@@ -1352,9 +1366,8 @@ inline std::size_t coefficients_forward_workspace_size(int n, Index T, Index C) 
 }
 
 /// Bytes of W packed for coefficients_forward's tensor-core projection (MappingParams::W_packed):
-/// its bf16 hi / lo fragments (384 C bytes, as many as W) for n = 4, storage bf16 and C % 64 ==
-/// 0, the only
-/// case with that path; 0 otherwise (nothing to pack).
+/// its bf16 hi / lo fragments (384 C bytes, as many as W) for n = 4, storage bf16 and
+/// C % 64 == 0, the only case with that path; 0 otherwise (nothing to pack).
 template <typename S>
 inline std::size_t packed_weights_size(int n, Index C) {
   if (!detail::use_mma<S>(n, C, static_cast<const S*>(nullptr), 0) || C < 1) return 0;
