@@ -49,7 +49,10 @@ struct PreMix {
     detail::check_batch(where, "u", u, T, C);
     detail::check_no_overlap(where, "u", u, "X", X);
     detail::check_no_overlap(where, "u", u, "h_pre", h_pre);
-    const detail::StreamPrefetch<Scalar> ahead(T, C);
+    const detail::StreamPrefetch<Scalar> ahead(T, C,
+                                               std::is_same<Scalar, bf16>::value
+                                                   ? detail::kPreMixForwardBf16PrefetchBytes
+                                                   : detail::kStreamPrefetchBytes);
     detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
       detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {

@@ -291,9 +291,24 @@ struct DotAccumulator {
 /// Hints the cache to fetch the line at p for reading (no effect where the compiler has no
 /// builtin). Locality as __builtin_prefetch: 3 = into L1 (prefetcht0), 2 = into L2 (prefetcht1),
 /// 1 = outer levels only (prefetcht2, the kernel's own load brings the line further in).
+/// On x86-64 with GCC/Clang the instruction is an `asm volatile`: g++ 12's IPA mod/ref analysis
+/// treats __builtin_prefetch as having no effect and, depending on what else the translation
+/// unit instantiates, deleted whole prefetch helpers (StreamPrefetch) as dead code. A scratch
+/// binary whose PreMix<bf16>::forward had lost all its prefetches ran at 0.61-0.72 of memcpy
+/// instead of 0.89-0.94 (C = 1024 and 7168, 1 thread).
 template <int Locality = 3>
 inline void prefetch(const void* p) {
-#if defined(__GNUC__)
+  static_assert(Locality >= 0 && Locality <= 3, "prefetch locality is 0..3");
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if constexpr (Locality == 3)
+    __asm__ __volatile__("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  else if constexpr (Locality == 2)
+    __asm__ __volatile__("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+  else if constexpr (Locality == 1)
+    __asm__ __volatile__("prefetcht2 %0" : : "m"(*static_cast<const char*>(p)));
+  else
+    __asm__ __volatile__("prefetchnta %0" : : "m"(*static_cast<const char*>(p)));
+#elif defined(__GNUC__)
   __builtin_prefetch(p, 0, Locality);
 #else
   (void)p;
@@ -306,6 +321,13 @@ inline void prefetch(const void* p) {
 /// measured better than 1 KB into L1 (bf16 at C = 1024: PreMix forward 0.55 -> 0.67-0.79 of
 /// memcpy, Update backward 0.53 -> 0.70): the L1 has few miss buffers, L2 more.
 inline constexpr Index kStreamPrefetchBytes = 2048;
+/// PreMix forward with bf16 storage prefetches twice as far (StreamPrefetch's third argument):
+/// it reads 4 of its 5 bytes, so its rows are consumed fastest and 2 KB ahead was not enough. In
+/// a paired A/B in one process (11 alternating calls each, same-run memcpy after each call,
+/// n = 4, T x C as in bench_operators) the medians went 0.74 -> 0.82 (C = 1024, 1 thread), 0.82
+/// -> 0.85 (2 threads), 0.78 -> 0.82 and 0.84 -> 0.90 (C = 4096), 0.91 -> 0.89 and 0.94 -> 0.90
+/// (C = 7168) of memcpy; float moved by -0.01 to -0.08 at 4 KB, so it keeps 2 KB.
+inline constexpr Index kPreMixForwardBf16PrefetchBytes = 4096;
 
 /// Address of element (r, c) of a row-major view.
 template <typename View>
@@ -322,8 +344,8 @@ inline auto at(View&& v, Index r, Index c) {
 template <typename Scalar>
 struct StreamPrefetch {
   Index T, C, tokens_ahead, cols_ahead;  // distance = tokens_ahead rows of C + cols_ahead columns
-  StreamPrefetch(Index T_, Index C_) : T(T_), C(C_) {
-    const Index d = std::max<Index>(1, kStreamPrefetchBytes / Index(sizeof(Scalar)));
+  StreamPrefetch(Index T_, Index C_, Index bytes = kStreamPrefetchBytes) : T(T_), C(C_) {
+    const Index d = std::max<Index>(1, bytes / Index(sizeof(Scalar)));
     tokens_ahead = C > 0 ? d / C : 0;
     cols_ahead = C > 0 ? d % C : 0;
   }
