@@ -573,6 +573,15 @@ struct CoefficientKernels {
   /// read. Paired A/B against the single loop / kTwoPass (scratch harness, whole backward, bench
   /// shapes; docs/operators.md): float 1.13-1.19x, bf16 1.03-1.09x (1 and 2 threads; one noisier
   /// 2-thread run: float 1.02-1.07x, bf16 0.97-1.00x).
+  /// At every benchmark C the rows cost 10-30% through this aliasing (the same bytes at C = 1088,
+  /// 4112, 7184: float 1 thread 0.57-0.71 of the roofline instead of 0.52-0.60, bf16 0.56-0.78
+  /// instead of 0.47-0.62). Tried against it and not kept (docs/operators.md, all slower or
+  /// within the noise): each chunk's block rows of X and d_X staged in row order through a stack
+  /// buffer with non-aliasing rows (the copy does not overlap the passes: 2-3x slower), also
+  /// double-buffered with the copy interleaved into the passes (2x slower); the same strip
+  /// prefetched 16 or 32 tokens ahead instead of the next line; 16- or 32-token chunks; d_X_old
+  /// read in the last pass; dynamic job scheduling. One core reads X and d_X at 13-14 GB/s at
+  /// most, so the float pass is within 1.2-1.4x of reading its inputs once.
   ///
   /// Otherwise (no AVX-512: 16 registers; a run-time n; the row's last, narrower strip), with
   /// kTwoPass (bf16, compile-time n) a full strip goes over the chunk twice: first d_W (the
