@@ -295,19 +295,23 @@ struct DotAccumulator {
 /// treats __builtin_prefetch as having no effect and, depending on what else the translation
 /// unit instantiates, deleted whole prefetch helpers (StreamPrefetch) as dead code. A scratch
 /// binary whose PreMix<bf16>::forward had lost all its prefetches ran at 0.61-0.72 of memcpy
-/// instead of 0.89-0.94 (C = 1024 and 7168, 1 thread).
+/// instead of 0.89-0.94 (C = 1024 and 7168, 1 thread); a bench_operators built with the builtin
+/// that way ran the bf16 PreMix backward at 0.46-0.80. The address goes in as a register ("r"),
+/// not as a memory operand ("m"(*p)): that told the compiler the asm reads *p and ordered it
+/// against the kernels' stores, and bf16 PreMix backward fell from 1.21-1.41 to 0.89-1.26 of
+/// memcpy (1 thread, C = 1024 / 4096 / 7168, 3 alternating runs of each build, 18:09-18:11Z).
 template <int Locality = 3>
 inline void prefetch(const void* p) {
   static_assert(Locality >= 0 && Locality <= 3, "prefetch locality is 0..3");
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   if constexpr (Locality == 3)
-    __asm__ __volatile__("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+    __asm__ __volatile__("prefetcht0 (%0)" : : "r"(p));
   else if constexpr (Locality == 2)
-    __asm__ __volatile__("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+    __asm__ __volatile__("prefetcht1 (%0)" : : "r"(p));
   else if constexpr (Locality == 1)
-    __asm__ __volatile__("prefetcht2 %0" : : "m"(*static_cast<const char*>(p)));
+    __asm__ __volatile__("prefetcht2 (%0)" : : "r"(p));
   else
-    __asm__ __volatile__("prefetchnta %0" : : "m"(*static_cast<const char*>(p)));
+    __asm__ __volatile__("prefetchnta (%0)" : : "r"(p));
 #elif defined(__GNUC__)
   __builtin_prefetch(p, 0, Locality);
 #else
