@@ -298,7 +298,7 @@ struct DotAccumulator {
 /// instead of 0.89-0.94 (C = 1024 and 7168, 1 thread); a bench_operators built with the builtin
 /// that way ran the bf16 PreMix backward at 0.46-0.80. The address goes in as a register ("r"),
 /// not as a memory operand ("m"(*p)): that told the compiler the asm reads *p and ordered it
-/// against the kernels' stores, and bf16 PreMix backward fell from 1.21-1.41 to 0.89-1.26 of
+/// against the kernels' stores, and bf16 PreMix backward fell from 1.13-1.41 to 0.89-1.26 of
 /// memcpy (1 thread, C = 1024 / 4096 / 7168, 3 alternating runs of each build, 18:09-18:11Z).
 template <int Locality = 3>
 inline void prefetch(const void* p) {
