@@ -242,7 +242,8 @@ TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat1
 #if defined(MHC_HAVE_AVX512_KERNELS)
 TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16]") {
   // bf16x16_bits (one packet) and bf16x32_bits (a pair: vcvtne2ps2bf16 where no lane is a float
-  // denormal) against the portable rounding, on packets with and without denormals, NaN, ties.
+  // denormal) against the portable rounding, on packets with and without denormals, NaN, ties;
+  // with AVX512-BF16 also the column-parity split and its interleaving store.
   const auto seed = fresh_seed();
   CAPTURE(seed);
   Rng rng(seed);
@@ -273,6 +274,32 @@ TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16
     mismatches += Eigen::numext::bit_cast<std::uint16_t>(pair[k]) != r;
   }
   CHECK(mismatches == 0);
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
+  // The parity split of a line (bf16x32_even / _odd) gives each bf16 column's exact float value,
+  // and bf16x32_bits_even_odd puts the rounded columns back in order: fed the values of columns
+  // 2k and 2k + 1, it stores what float_to_bf16 stores for them.
+  int split_mismatches = 0, eo_mismatches = 0;
+  std::vector<mhc::bf16> eo(values.size());
+  for (size_t k = 0; k < values.size(); k += 32) {
+    alignas(64) float even[16], odd[16];
+    for (int l = 0; l < 16; ++l) even[l] = values[k + 2 * l], odd[l] = values[k + 2 * l + 1];
+    _mm512_storeu_si512(eo.data() + k, mhc::detail::bf16x32_bits_even_odd(_mm512_load_ps(even),
+                                                                           _mm512_load_ps(odd)));
+    const __m512i line = _mm512_loadu_si512(ref.data() + k);
+    _mm512_store_ps(even, mhc::detail::bf16x32_even(line));
+    _mm512_store_ps(odd, mhc::detail::bf16x32_odd(line));
+    for (int l = 0; l < 16; ++l) {
+      const float e = static_cast<float>(ref[k + 2 * l]), o = static_cast<float>(ref[k + 2 * l + 1]);
+      split_mismatches += std::memcmp(&even[l], &e, sizeof(float)) != 0;
+      split_mismatches += std::memcmp(&odd[l], &o, sizeof(float)) != 0;
+    }
+  }
+  for (size_t k = 0; k < values.size(); ++k)
+    eo_mismatches += Eigen::numext::bit_cast<std::uint16_t>(eo[k]) !=
+                     Eigen::numext::bit_cast<std::uint16_t>(ref[k]);
+  CHECK(split_mismatches == 0);
+  CHECK(eo_mismatches == 0);
+#endif
 }
 #endif
 

@@ -25,9 +25,9 @@
     !defined(MHC_NO_AVX512_KERNELS)
 #include <immintrin.h>
 #define MHC_HAVE_AVX512_KERNELS 1
-// ... and with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16) and DQ (vfpclassps): the bf16 dot products
-// of Update's backward on the stored values.
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+// ... and with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16), DQ (vfpclassps) and BW (vpermw): the bf16
+// dot products of Update's backward on the stored values.
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
 #define MHC_HAVE_BF16_DOT_KERNELS 1
 #endif
 #endif
@@ -142,6 +142,27 @@ EIGEN_ALWAYS_INLINE __m512i bf16x32_bits(__m512 lo, __m512 hi) {
 #endif
   return _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16_bits(lo)), bf16x16_bits(hi), 1);
 }
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
+/// One 64-byte line of 32 bf16 (bits) as floats split by column parity: even[k] = column 2k,
+/// odd[k] = column 2k + 1. Exact, one shift or one mask per packet (no widening shuffle).
+EIGEN_ALWAYS_INLINE __m512 bf16x32_even(__m512i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+EIGEN_ALWAYS_INLINE __m512 bf16x32_odd(__m512i bits) {
+  return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+/// The inverse of the split: the 32 bf16 of (even, odd) in column order, rounded bit for bit as
+/// float_to_bf16 (bf16x32_bits, then one vpermw interleaves its two halves).
+EIGEN_ALWAYS_INLINE __m512i bf16x32_bits_even_odd(__m512 even, __m512 odd) {
+  // 16-bit element 2k <- element k (even half), 2k + 1 <- element 16 + k (odd half)
+  const __m512i pairs = _mm512_set_epi32(
+      0x001F000F, 0x001E000E, 0x001D000D, 0x001C000C,
+      0x001B000B, 0x001A000A, 0x00190009, 0x00180008,
+      0x00170007, 0x00160006, 0x00150005, 0x00140004,
+      0x00130003, 0x00120002, 0x00110001, 0x00100000);
+  return _mm512_permutexvar_epi16(pairs, bf16x32_bits(even, odd));
+}
+#endif
 #endif
 
 /// Compute-type row of `Width` columns (Dynamic: at most kColumnBlock).
@@ -257,6 +278,20 @@ EIGEN_ALWAYS_INLINE void stream_pair(Scalar* dst, const __m512* v) {
 #endif
   for (int q = 0; q < 2; ++q) store16(dst + 16 * q, v[q]);
 }
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
+/// One line of 32 bf16 given by column parity (bf16x32_even / bf16x32_odd layout) to dst, like
+/// stream_pair: non-temporal where dst is 64-byte aligned, else a plain store.
+EIGEN_ALWAYS_INLINE void stream_even_odd(bf16* dst, __m512 even, __m512 odd) {
+  const __m512i bits = bf16x32_bits_even_odd(even, odd);
+#if defined(MHC_HAVE_STREAM_STORES)
+  if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), bits);
+    return;
+  }
+#endif
+  _mm512_storeu_si512(dst, bits);
+}
+#endif
 #endif
 
 /// A dot product accumulated over the column blocks of one token, in a fixed order: full blocks
