@@ -216,7 +216,8 @@ struct Update {
       std::is_same<Real, float>::value && N != Dynamic && N <= 4;
 #endif
 #if defined(MHC_HAVE_BF16_DOT_KERNELS)
-  /// bf16 storage: the backward's full blocks run in backward_bf16_rows (vdpbf16ps dot products).
+  /// bf16 storage: the forward's full blocks run in forward_bf16_block (column-parity split), the
+  /// backward's in backward_bf16_rows (vdpbf16ps dot products).
   static constexpr bool kBf16Rows = kRegisterBlocks && std::is_same<Scalar, bf16>::value;
 #endif
 
@@ -248,6 +249,12 @@ struct Update {
         constexpr int W = decltype(width_tag)::value;
         ahead(y, 1, t, c0, w);
         ahead(X, n, t, c0, w);
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
+        if constexpr (kBf16Rows && W == detail::kColumnBlock) {
+          forward_bf16_block(X, H, hq, y, X_out, t, c0);
+          return;
+        }
+#endif
 #if defined(MHC_HAVE_AVX512_KERNELS)
         if constexpr (kRegisterBlocks) {
           if constexpr (W == detail::kColumnBlock) {
@@ -400,6 +407,42 @@ struct Update {
 
  private:
 #if defined(MHC_HAVE_BF16_DOT_KERNELS)
+  /// bf16 storage, n <= 4, AVX512-BF16: forward() on the full 64-column block at c0 of token t,
+  /// one 64-byte line (32 columns) of each row at a time, split by column parity
+  /// (bf16x32_even / _odd: a shift or a mask per line instead of two widening loads and shifts)
+  /// and put back in column order by the store (stream_even_odd). The same products and FMAs per
+  /// column as the float register path, so X_out is bit for bit the same; each line of the n rows
+  /// is loaded before any of them is written (in-place update).
+  static void forward_bf16_block(const ConstBatchRef<Scalar>& X, const Real* H, const Real* hq,
+                                 const ConstBatchRef<Scalar>& y, BatchRef<Scalar>& X_out, Index t,
+                                 Index c0) {
+    static_assert(kBf16Rows, "bf16 line path");
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      const Index c = c0 + 32 * half;
+      __m512 xe[N], xo[N];
+#pragma GCC unroll 16
+      for (int j = 0; j < N; ++j) {
+        const __m512i bits = _mm512_loadu_si512(detail::at(X, t * N + j, c));
+        xe[j] = detail::bf16x32_even(bits);
+        xo[j] = detail::bf16x32_odd(bits);
+      }
+      const __m512i ybits = _mm512_loadu_si512(detail::at(y, t, c));
+      const __m512 ye = detail::bf16x32_even(ybits), yo = detail::bf16x32_odd(ybits);
+#pragma GCC unroll 16
+      for (int i = 0; i < N; ++i) {
+        __m512 even = _mm512_mul_ps(_mm512_set1_ps(hq[i]), ye);
+        __m512 odd = _mm512_mul_ps(_mm512_set1_ps(hq[i]), yo);
+#pragma GCC unroll 16
+        for (int j = 0; j < N; ++j) {
+          even = _mm512_fmadd_ps(_mm512_set1_ps(H[i * N + j]), xe[j], even);
+          odd = _mm512_fmadd_ps(_mm512_set1_ps(H[i * N + j]), xo[j], odd);
+        }
+        detail::stream_even_odd(detail::at(X_out, t * N + i, c), even, odd);
+      }
+    }
+  }
+
   /// bf16 storage, n <= 4, AVX512-BF16: backward() over the full column blocks [0, full) of token
   /// t, 32 columns (one cache line of each row) per step. The n*n + n dot products
   /// (d_H_res[i][j] = G_i . X_j, d_h_post[i] = G_i . y) run on the stored bf16 values with
