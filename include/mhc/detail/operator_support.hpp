@@ -25,8 +25,9 @@
     !defined(MHC_NO_AVX512_KERNELS)
 #include <immintrin.h>
 #define MHC_HAVE_AVX512_KERNELS 1
-// ... and with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16), DQ (vfpclassps) and BW (vpermw): the bf16
-// dot products of Update's backward on the stored values.
+// ... and with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16), DQ (vfpclassps) and BW (vpermw): Update's
+// bf16 kernels (the backward's dot products on the stored values, both directions' column-parity
+// conversions).
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
 #define MHC_HAVE_BF16_DOT_KERNELS 1
 #endif
