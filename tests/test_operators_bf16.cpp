@@ -289,7 +289,8 @@ TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16
     _mm512_store_ps(even, mhc::detail::bf16x32_even(line));
     _mm512_store_ps(odd, mhc::detail::bf16x32_odd(line));
     for (int l = 0; l < 16; ++l) {
-      const float e = static_cast<float>(ref[k + 2 * l]), o = static_cast<float>(ref[k + 2 * l + 1]);
+      const float e = static_cast<float>(ref[k + 2 * l]);
+      const float o = static_cast<float>(ref[k + 2 * l + 1]);
       split_mismatches += std::memcmp(&even[l], &e, sizeof(float)) != 0;
       split_mismatches += std::memcmp(&odd[l], &o, sizeof(float)) != 0;
     }

@@ -455,9 +455,10 @@ struct Update {
   /// put back in column order by one vpermw per stored line (stream_even_odd), so every output
   /// is bit for bit what the halves gave. That took 8 loads and 8 shuffles off each 32-column
   /// step; with the data in cache (scratch harness: T = 8 / 2 tokens repeated, 1 thread) the
-  /// kernel ran 1.03-1.17x faster at C = 1024 and 1.18x at C = 4096; bench_operators before and
-  /// after, five alternating runs at C = 1024: 0.56-0.85 -> 0.73-0.89 of memcpy on 1 thread,
-  /// 0.55-0.80 -> 0.69-0.81 on 2 (docs/operators.md). Row pointers are taken once per token.
+  /// kernel ran 1.03-1.17x faster at C = 1024 and 1.16-1.21x at C = 4096; bench_operators
+  /// before and after, five alternating runs at C = 1024: 0.56-0.85 -> 0.73-0.89 of memcpy on 1
+  /// thread, 0.55-0.80 -> 0.69-0.81 on 2 (docs/operators.md). Row pointers are taken once per
+  /// token.
   template <typename Ahead>
   static void backward_bf16_rows(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Scalar>& y,
                                  const ConstBatchRef<Scalar>& d_X_out, BatchRef<Scalar>& d_X,
