@@ -5,7 +5,8 @@ usage: bench_operators_summary.py RUN.json [RUN.json ...]
 One row per storage / operator / thread count, one column per C: the target ratio of each cell,
 vs_memcpy for PreMix and Update, vs_roofline for Coefficients, as the median over the runs with
 the lowest and highest run in brackets. Above the table: each run's FMA peak (1 / 2 threads),
-which says whether the run was disturbed (another guest on the vCPUs halves the 2-thread peak).
+which says whether the run was disturbed (another guest on the vCPUs halves the 2-thread peak),
+and the range of the peak measured next to the timed Coefficients calls (their vs_roofline uses it).
 """
 import json
 import statistics
@@ -20,7 +21,16 @@ def main():
     peaks = "; ".join(
         "%d / %d" % (round(r["fma_peak/1/iterations:1"]["GFLOPs"]),
                      round(r["fma_peak/2/iterations:1"]["GFLOPs"])) for r in runs)
-    print(f"{len(runs)} run(s); FMA peak, GFLOP/s on 1 / 2 threads: {peaks}\n")
+    print(f"{len(runs)} run(s); FMA peak, GFLOP/s on 1 / 2 threads: {peaks}")
+    # The peak measured next to every timed Coefficients call (runs from 2026-11-30 on).
+    for threads in (1, 2):
+        now = [b["fma_peak_GFLOPs"] for r in runs for k, b in r.items()
+               if "/Coefficients/" in k and k.endswith(f"threads:{threads}")
+               and "fma_peak_GFLOPs" in b]
+        if now:
+            print(f"FMA peak next to the Coefficients calls, {threads} thread(s): "
+                  f"{min(now):.0f}-{max(now):.0f} GFLOP/s")
+    print()
     print("| storage | operator | threads | C = 1024 | C = 4096 | C = 7168 |")
     print("|---|---|---|---|---|---|")
     for storage in ("float", "bf16"):
