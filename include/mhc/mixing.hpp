@@ -214,10 +214,9 @@ struct Update {
   /// Full column blocks of a fixed small n run in AVX-512 registers (detail::load16 & co.).
   static constexpr bool kRegisterBlocks =
       std::is_same<Real, float>::value && N != Dynamic && N <= 4;
-#endif
-#if defined(MHC_HAVE_BF16_DOT_KERNELS)
-  /// bf16 storage: the forward's full blocks run in forward_bf16_block (column-parity split), the
-  /// backward's in backward_bf16_rows (vdpbf16ps dot products).
+  /// bf16 storage: the forward's full blocks run in forward_bf16_block, the backward's in
+  /// backward_bf16_rows (both by column parity; the backward's dot products with vdpbf16ps where
+  /// the target has AVX512-BF16, else as FMAs on the split floats).
   static constexpr bool kBf16Rows = kRegisterBlocks && std::is_same<Scalar, bf16>::value;
 #endif
 
@@ -249,7 +248,7 @@ struct Update {
         constexpr int W = decltype(width_tag)::value;
         ahead(y, 1, t, c0, w);
         ahead(X, n, t, c0, w);
-#if defined(MHC_HAVE_BF16_DOT_KERNELS)
+#if defined(MHC_HAVE_AVX512_KERNELS)
         if constexpr (kBf16Rows && W == detail::kColumnBlock) {
           forward_bf16_block(X, H, hq, y, X_out, t, c0);
           return;
@@ -335,7 +334,7 @@ struct Update {
       detail::DotAccumulator<Real> dH[kMaxN * kMaxN];  // sum_c G[i][c] X[j][c]
       detail::DotAccumulator<Real> dhq[kMaxN];         // sum_c G[i][c] y[c]
       Index done = 0;  // leading columns handled by backward_bf16_rows
-#if defined(MHC_HAVE_BF16_DOT_KERNELS)
+#if defined(MHC_HAVE_AVX512_KERNELS)
       if constexpr (kBf16Rows) {
         done = C - C % detail::kColumnBlock;
         backward_bf16_rows(X, y, d_X_out, d_X, d_y, H, hq, t, done, ahead, dH, dhq);
@@ -406,8 +405,8 @@ struct Update {
   }
 
  private:
-#if defined(MHC_HAVE_BF16_DOT_KERNELS)
-  /// bf16 storage, n <= 4, AVX512-BF16: forward() on the full 64-column block at c0 of token t,
+#if defined(MHC_HAVE_AVX512_KERNELS)
+  /// bf16 storage, n <= 4, AVX-512: forward() on the full 64-column block at c0 of token t,
   /// one 64-byte line (32 columns) of each row at a time, split by column parity
   /// (bf16x32_even / _odd: a shift or a mask per line instead of two widening loads and shifts)
   /// and put back in column order by the store (stream_even_odd). The same products and FMAs per
@@ -443,12 +442,16 @@ struct Update {
     }
   }
 
-  /// bf16 storage, n <= 4, AVX512-BF16: backward() over the full column blocks [0, full) of token
+  /// bf16 storage, n <= 4, AVX-512: backward() over the full column blocks [0, full) of token
   /// t, 32 columns (one cache line of each row) per step. The n*n + n dot products
-  /// (d_H_res[i][j] = G_i . X_j, d_h_post[i] = G_i . y) run on the stored bf16 values with
-  /// vdpbf16ps (fp32 sums of exact bf16 products, two columns per lane and instruction; X and y are
-  /// never converted) and stay in zmm registers over the whole row; their lanes become the
-  /// DotAccumulator lanes (the tail and total() follow as elsewhere). Only G is converted, for
+  /// (d_H_res[i][j] = G_i . X_j, d_h_post[i] = G_i . y) stay in zmm registers over the whole row;
+  /// their lanes become the DotAccumulator lanes (the tail and total() follow as elsewhere). With
+  /// AVX512-BF16 they run on the stored bf16 values with vdpbf16ps (fp32 sums of exact bf16
+  /// products, two columns per lane and instruction; X and y are never converted). Without it,
+  /// X and y are split by column parity like G and each lane takes two FMAs per line (column 2k,
+  /// then 2k + 1), so the sums differ from vdpbf16ps's in rounding, not in what they add (before,
+  /// such targets ran the generic register path: 16 columns per packet, every row widened and
+  /// every stored packet narrowed on its own). G is converted, for
   /// d_X = H_res^T G and d_y = G^T h_post, and by column parity (bf16x32_even / _odd: a shift
   /// or a mask of the line already loaded for the dot products) rather than by 16-column halves
   /// (two widening loads and shifts per row): the same products and FMAs per column, the results
@@ -482,11 +485,13 @@ struct Update {
     for (int k = 0; k < N * N; ++k) aH[k] = _mm512_setzero_ps();
 #pragma GCC unroll 16
     for (int i = 0; i < N; ++i) ahq[i] = _mm512_setzero_ps();
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
     const auto as_bh = [](__m512i bits) {
       __m512bh v;
       std::memcpy(&v, &bits, sizeof(v));
       return v;
     };
+#endif
     const auto line = [](const bf16* p) { return _mm512_loadu_si512(p); };
     for (Index c0 = 0; c0 < full; c0 += detail::kColumnBlock) {
       ahead(y, 1, t, c0, detail::kColumnBlock);
@@ -498,6 +503,13 @@ struct Update {
         __m512i gbits[N];  // G loaded before any store (in-place d_X)
 #pragma GCC unroll 16
         for (int i = 0; i < N; ++i) gbits[i] = line(gp[i] + c);
+        __m512 ge[N], go[N];  // G's even and odd columns as floats
+#pragma GCC unroll 16
+        for (int i = 0; i < N; ++i) {
+          ge[i] = detail::bf16x32_even(gbits[i]);
+          go[i] = detail::bf16x32_odd(gbits[i]);
+        }
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
         const __m512bh yr = as_bh(line(yp + c));
 #pragma GCC unroll 16
         for (int i = 0; i < N; ++i) ahq[i] = _mm512_dpbf16_ps(ahq[i], as_bh(gbits[i]), yr);
@@ -508,12 +520,22 @@ struct Update {
           for (int i = 0; i < N; ++i)
             aH[i * N + j] = _mm512_dpbf16_ps(aH[i * N + j], as_bh(gbits[i]), x);
         }
-        __m512 ge[N], go[N];  // G's even and odd columns as floats
+#else
+        // acc += a[2k] b[2k], then += a[2k + 1] b[2k + 1], per lane k
+        const auto dot = [&](__m512& acc, int i, __m512i bits) {
+          acc = _mm512_fmadd_ps(ge[i], detail::bf16x32_even(bits), acc);
+          acc = _mm512_fmadd_ps(go[i], detail::bf16x32_odd(bits), acc);
+        };
+        const __m512i ybits = line(yp + c);
 #pragma GCC unroll 16
-        for (int i = 0; i < N; ++i) {
-          ge[i] = detail::bf16x32_even(gbits[i]);
-          go[i] = detail::bf16x32_odd(gbits[i]);
+        for (int i = 0; i < N; ++i) dot(ahq[i], i, ybits);
+#pragma GCC unroll 16
+        for (int j = 0; j < N; ++j) {
+          const __m512i xbits = line(xp[j] + c);
+#pragma GCC unroll 16
+          for (int i = 0; i < N; ++i) dot(aH[i * N + j], i, xbits);
         }
+#endif
         // d_y = G^T h_post and d_X[j] = sum_i H[i][j] G[i], the same products and FMAs per column
         // as the other paths, then interleaved back into column order by the store
         const auto mix = [&](const Real* coef, int stride, bf16* dst) {

@@ -25,9 +25,10 @@
     !defined(MHC_NO_AVX512_KERNELS)
 #include <immintrin.h>
 #define MHC_HAVE_AVX512_KERNELS 1
-// ... and with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16), DQ (vfpclassps) and BW (vpermw): Update's
-// bf16 kernels (the backward's dot products on the stored values, both directions' column-parity
-// conversions).
+// ... and with AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16), DQ (vfpclassps) and BW (vpermw): the
+// backward of Update's bf16 line kernel takes its dot products on the stored values (vdpbf16ps)
+// and both directions round with vcvtne2ps2bf16; without them the same kernels run on AVX-512F
+// (dot products as FMAs on the column-parity floats, rounding in integer lanes).
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
 #define MHC_HAVE_BF16_DOT_KERNELS 1
 #endif
@@ -143,7 +144,6 @@ EIGEN_ALWAYS_INLINE __m512i bf16x32_bits(__m512 lo, __m512 hi) {
 #endif
   return _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16_bits(lo)), bf16x16_bits(hi), 1);
 }
-#if defined(MHC_HAVE_BF16_DOT_KERNELS)
 /// One 64-byte line of 32 bf16 (bits) as floats split by column parity: even[k] = column 2k,
 /// odd[k] = column 2k + 1. Exact, one shift or one mask per packet (no widening shuffle).
 EIGEN_ALWAYS_INLINE __m512 bf16x32_even(__m512i bits) {
@@ -153,8 +153,13 @@ EIGEN_ALWAYS_INLINE __m512 bf16x32_odd(__m512i bits) {
   return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(int(0xFFFF0000u))));
 }
 /// The inverse of the split: the 32 bf16 of (even, odd) in column order, rounded bit for bit as
-/// float_to_bf16 (bf16x32_bits, then one vpermw interleaves its two halves).
+/// float_to_bf16. With AVX512-BF16: bf16x32_bits (vcvtne2ps2bf16), then one vpermw interleaves
+/// its two halves. Without: each lane rounded in its 32 bits (u + 0x7FFF + lsb; a NaN keeps its
+/// bits with the quiet bit set), then the even lane's upper half goes to the lower 16 bits and
+/// the odd lane's upper half stays where it is, which IS column order (column 2k in the low half
+/// of 32-bit lane k): a shift and one ternary-logic op, no narrowing or shuffle.
 EIGEN_ALWAYS_INLINE __m512i bf16x32_bits_even_odd(__m512 even, __m512 odd) {
+#if defined(MHC_HAVE_BF16_DOT_KERNELS)
   // 16-bit element 2k <- element k (even half), 2k + 1 <- element 16 + k (odd half)
   const __m512i pairs = _mm512_set_epi32(
       0x001F000F, 0x001E000E, 0x001D000D, 0x001C000C,
@@ -162,8 +167,20 @@ EIGEN_ALWAYS_INLINE __m512i bf16x32_bits_even_odd(__m512 even, __m512 odd) {
       0x00170007, 0x00160006, 0x00150005, 0x00140004,
       0x00130003, 0x00120002, 0x00110001, 0x00100000);
   return _mm512_permutexvar_epi16(pairs, bf16x32_bits(even, odd));
-}
+#else
+  const auto round = [](__m512 x) {  // bf16 of x in the upper 16 bits of each lane
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+    return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x00400000));
+  };
+  // (even >> 16) | (odd & 0xFFFF0000): truth table A | (B & C) = 0xF8
+  return _mm512_ternarylogic_epi32(_mm512_srli_epi32(round(even), 16), round(odd),
+                                   _mm512_set1_epi32(int(0xFFFF0000u)), 0xF8);
 #endif
+}
 #endif
 
 /// Compute-type row of `Width` columns (Dynamic: at most kColumnBlock).
@@ -279,7 +296,6 @@ EIGEN_ALWAYS_INLINE void stream_pair(Scalar* dst, const __m512* v) {
 #endif
   for (int q = 0; q < 2; ++q) store16(dst + 16 * q, v[q]);
 }
-#if defined(MHC_HAVE_BF16_DOT_KERNELS)
 /// One line of 32 bf16 given by column parity (bf16x32_even / bf16x32_odd layout) to dst, like
 /// stream_pair: non-temporal where dst is 64-byte aligned, else a plain store.
 EIGEN_ALWAYS_INLINE void stream_even_odd(bf16* dst, __m512 even, __m512 odd) {
@@ -292,7 +308,6 @@ EIGEN_ALWAYS_INLINE void stream_even_odd(bf16* dst, __m512 even, __m512 odd) {
 #endif
   _mm512_storeu_si512(dst, bits);
 }
-#endif
 #endif
 
 /// A dot product accumulated over the column blocks of one token, in a fixed order: full blocks
