@@ -179,9 +179,10 @@ double fma_peak(int threads) {
 }
 
 /// The FMA peak next to one timed iteration (Coefficients rows): best of 2 measurements of 2^18
-/// rounds (about 1 ms each on the benchmark machine). On the shared VM the FMA rate moves by up to
-/// 1.5x within minutes (another guest on the same cores: 90 against 136 GFLOP/s on 1 thread), so
-/// a peak taken once at the start misstates what the same cores could do while the operator ran.
+/// rounds (about 1 ms each on the benchmark machine). On the shared VM the FMA rate at the start
+/// of a run moved between 93 and 152 GFLOP/s on 1 thread and 152 and 302 on 2 within minutes
+/// (docs/operators.md), so a peak taken once at the start misstates what the same cores could do
+/// while the operator ran.
 double fma_peak_now(int threads) { return fma_rate(threads, 1L << 18, 2); }
 
 enum class Op { PreMixFwd, PreMixBwd, UpdateFwd, UpdateBwd, CoefFwd, CoefBwd };
