@@ -103,12 +103,22 @@ EIGEN_ALWAYS_INLINE __m512 bf16x16_load(const bf16* src) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+/// Each lane of x rounded to bf16 as float_to_bf16 does (u + 0x7FFF + lsb, nearest even; a NaN
+/// keeps its bits with the quiet bit set), the bf16 in the upper 16 bits of the 32-bit lane.
+EIGEN_ALWAYS_INLINE __m512i bf16x16_round_in_lanes(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                               _mm512_set1_epi32(0x7F800000));
+  return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x00400000));
+}
 /// 16 floats rounded to bf16 at dst, bit for bit as float_to_bf16 (nearest even, NaN quiet).
 EIGEN_ALWAYS_INLINE __m256i bf16x16_bits(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
 #if defined(__AVX512BF16__)
   // One instruction rounds to nearest even and quiets NaNs exactly like the code below, but
   // flushes float denormals to zero: used when no lane is a denormal.
+  const __m512i u = _mm512_castps_si512(x);
   const __mmask16 zero_exponent = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7F800000));
   if (_mm512_mask_test_epi32_mask(zero_exponent, u, _mm512_set1_epi32(0x007FFFFF)) == 0) {
     const __m256bh converted = _mm512_cvtneps_pbh(x);
@@ -117,13 +127,7 @@ EIGEN_ALWAYS_INLINE __m256i bf16x16_bits(__m512 x) {
     return bits;
   }
 #endif
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x0040));
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
-                                               _mm512_set1_epi32(0x7F800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16x16_round_in_lanes(x), 16));
 }
 EIGEN_ALWAYS_INLINE void bf16x16_store(bf16* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bf16x16_bits(x));
@@ -168,17 +172,10 @@ EIGEN_ALWAYS_INLINE __m512i bf16x32_bits_even_odd(__m512 even, __m512 odd) {
       0x00130003, 0x00120002, 0x00110001, 0x00100000);
   return _mm512_permutexvar_epi16(pairs, bf16x32_bits(even, odd));
 #else
-  const auto round = [](__m512 x) {  // bf16 of x in the upper 16 bits of each lane
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-        _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-    return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x00400000));
-  };
   // (even >> 16) | (odd & 0xFFFF0000): truth table A | (B & C) = 0xF8
-  return _mm512_ternarylogic_epi32(_mm512_srli_epi32(round(even), 16), round(odd),
-                                   _mm512_set1_epi32(int(0xFFFF0000u)), 0xF8);
+  return _mm512_ternarylogic_epi32(_mm512_srli_epi32(bf16x16_round_in_lanes(even), 16),
+                                   bf16x16_round_in_lanes(odd), _mm512_set1_epi32(int(0xFFFF0000u)),
+                                   0xF8);
 #endif
 }
 #endif
