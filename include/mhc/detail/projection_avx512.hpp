@@ -36,7 +36,8 @@ struct ProjectionTileAvx512 {
   static_assert(M > 0 && M % 8 == 0, "whole 8-output groups");
   static constexpr int kVec = M / 8;  // accumulators per token
   static_assert(TB * kVec <= 24, "accumulators must fit in the registers");
-  /// Rows of W ahead of the current pair that each step prefetches into L1 (see accumulate).
+  /// Rows of W ahead of the current pair that each step prefetches into L1 (see accumulate;
+  /// 0: none).
   static constexpr Index kWPrefetchRows = 8;
   __m512 acc[TB][kVec];
   alignas(64) float ss[TB][16];  // sum of squares, lane-wise (in memory: touched once per block)
@@ -99,13 +100,15 @@ struct ProjectionTileAvx512 {
     // with the 1 MB L2 of Cascade Lake): each step prefetches the pair kWPrefetchRows rows on
     // (768 B for a dense M = 24 W; past the block's last row these are the first rows of the
     // block the tile reads next; a padded W gets the same bytes from row k + kWPrefetchRows, a
-    // hint only). Without it the L1 next-line prefetcher alone fell behind: bench_operators,
-    // five alternating runs of the Coefficients forward rows, 0.35-0.49 -> 0.39-0.53 of the
-    // roofline (geometric mean of the 12 cells 0.412 -> 0.438, 10 of 12 higher; 1536 B ahead:
-    // 0.434). Results are unchanged (a prefetch only).
+    // hint only). Without it the L1 next-line prefetcher alone fell behind (Cascade Lake VM,
+    // bench_operators, five alternating runs of the Coefficients forward rows: 0.35-0.49 ->
+    // 0.39-0.53 of the roofline, geometric mean of the 12 cells 0.412 -> 0.438, 10 of 12
+    // higher; 1536 B ahead: 0.434). Results are unchanged (a prefetch only). Not measured on
+    // Zen 5, where a prefetch of W's next block at each block's start had measured 0.85x
+    // (docs/operators.md).
     const auto step = [&](const float* wa, Index k, auto full) __attribute__((always_inline)) {
       constexpr bool kFull = decltype(full)::value;
-      if constexpr (kFull) {
+      if constexpr (kFull && kWPrefetchRows > 0) {
         // the 2M floats kWPrefetchRows rows on (an integer address: it may lie past W's end)
         const std::uintptr_t ahead = reinterpret_cast<std::uintptr_t>(wa) +
                                      std::uintptr_t(kWPrefetchRows * ldw) * sizeof(float);
