@@ -102,7 +102,7 @@ struct ProjectionTileAvx512 {
     // block the tile reads next; a padded W gets the same bytes from row k + kWPrefetchRows, a
     // hint only). Without it the L1 next-line prefetcher alone fell behind (Cascade Lake VM,
     // bench_operators, five alternating runs of the Coefficients forward rows: 0.35-0.49 ->
-    // 0.39-0.53 of the roofline, geometric mean of the 12 cells 0.412 -> 0.438, 10 of 12
+    // 0.37-0.53 of the roofline, geometric mean of the 12 cells 0.412 -> 0.438, 10 of 12
     // higher; 1536 B ahead: 0.434). Results are unchanged (a prefetch only). Not measured on
     // Zen 5, where a prefetch of W's next block at each block's start had measured 0.85x
     // (docs/operators.md).
