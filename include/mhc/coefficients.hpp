@@ -16,8 +16,8 @@
 // of W read from cache serves 12 tokens; with AVX-512 the register tile of
 // detail/projection_avx512.hpp takes 8 tokens and two rows of W per step, interleaved so that
 // every FMA is 16 lanes wide and one broadcast of a token's two values feeds M / 8 FMAs; X is
-// prefetched 1 KB ahead per row in the tile's walking order); the norm is applied after the
-// product. The per-token mappings are the shared MHC_HOST_DEVICE
+// prefetched 1 KB ahead per row in the tile's walking order, W 8 rows ahead); the norm is
+// applied after the product. The per-token mappings are the shared MHC_HOST_DEVICE
 // kernels of detail/coefficient_kernel.hpp and detail/variant_kernel.hpp (the CUDA operators use
 // the same ones), run for one SIMD register of tokens at a time (structure of arrays) when n is
 // fixed at compile time.
