@@ -101,11 +101,10 @@ struct ProjectionTileAvx512 {
     // (768 B for a dense M = 24 W; past the block's last row these are the first rows of the
     // block the tile reads next; a padded W gets the same bytes from row k + kWPrefetchRows, a
     // hint only). Without it the L1 next-line prefetcher alone fell behind (Cascade Lake VM,
-    // bench_operators, five alternating runs of the Coefficients forward rows: 0.35-0.49 ->
-    // 0.37-0.53 of the roofline, geometric mean of the 12 cells 0.412 -> 0.438, 10 of 12
-    // higher; 1536 B ahead: 0.434). Results are unchanged (a prefetch only). Not measured on
-    // Zen 5, where a prefetch of W's next block at each block's start had measured 0.85x
-    // (docs/operators.md).
+    // bench_operators, five alternating runs of the Coefficients forward rows: geometric mean
+    // of the 12 cells 59.1 -> 63.0 GFLOP/s, 10 of 12 higher; 1536 B ahead: 62.3). Results are
+    // unchanged (a prefetch only). Not measured on Zen 5, where a prefetch of W's next block
+    // at each block's start had measured 0.85x (docs/operators.md).
     const auto step = [&](const float* wa, Index k, auto full) __attribute__((always_inline)) {
       constexpr bool kFull = decltype(full)::value;
       if constexpr (kFull && kWPrefetchRows > 0) {
