@@ -202,6 +202,8 @@ double fma_seconds(int threads, long iters) {
   float sink = 0;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
+#else
+  (void)threads;  // max_threads() is 1 without OpenMP
 #endif
   sink += fma_chains(iters);
   benchmark::DoNotOptimize(sink);
