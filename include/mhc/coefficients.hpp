@@ -147,10 +147,21 @@ struct CoefficientKernels {
       N == Dynamic         ? 8
       : kAvx512Projection ? std::max(1, std::min(12, 24 / (Mapping::coefficient_count(N) / 8)))
                           : std::max(1, std::min(12, 24 / kAccPackets));
+  // Register passes (see grad_block): with 32 vector registers of 16 floats (AVX-512) and a
+  // compile-time M, a full strip goes over each chunk in kPasses passes of at most kPassLimit
+  // coefficients; each pass holds its part of the strip's W block and of its d_W accumulators
+  // in registers (2 x 12 of 32 for M = 24), so one broadcast of g_t[m] feeds both FMAs.
+  static constexpr bool kRegisterPasses = N != Dynamic && kPacket == 16;
   // The fused d_X / d_W pass: columns of X per job, tokens per chunk, and how far ahead in its
-  // token's row each strip-token step prefetches X and d_X into L1 (the next line).
-  static constexpr int kGradBlock = 2048 / int(sizeof(Real));
-  static constexpr int kChunkTokens = 64;
+  // token's row each strip-token step prefetches X and d_X (the next line). With the register
+  // passes a job takes 2048 columns (8 KB of a float row, 4 KB of a bf16 row) in chunks of 8
+  // (float) or 16 (bf16) tokens: each token's row segment is read in a long ascending run, and
+  // a chunk keeps only 16 or 32 rows of X and d_X in flight (see grad_block); elsewhere 2 KB of
+  // columns and 64 tokens.
+  static constexpr int kGradBlock = kRegisterPasses ? 2048 : 2048 / int(sizeof(Real));
+  static constexpr int kChunkTokens = !kRegisterPasses                    ? 64
+                                      : std::is_same<Scalar, float>::value ? 8
+                                                                           : 16;
   static constexpr int kPrefetchBytes = 64;
   // Whether a full strip of a chunk runs as two passes (d_W, then d_X; see grad_block): for bf16
   // storage with a compile-time n (paired A/B 1.035-1.069x; float 0.87-1.02x, so not there).
@@ -448,11 +459,6 @@ struct CoefficientKernels {
     (void)n;
   }
 
-  // Register passes (see grad_block): with 32 vector registers of 16 floats (AVX-512) and a
-  // compile-time M, a full strip goes over each chunk in kPasses passes of at most kPassLimit
-  // coefficients; each pass holds its part of the strip's W block and of its d_W accumulators
-  // in registers (2 x 12 of 32 for M = 24), so one broadcast of g_t[m] feeds both FMAs.
-  static constexpr bool kRegisterPasses = N != Dynamic && kPacket == 16;
   static constexpr int kPassLimit = 12;
   static constexpr int kPasses = kFixedM > 0 ? (kFixedM + kPassLimit - 1) / kPassLimit : 1;
   static constexpr int kPassM = kFixedM > 0 ? (kFixedM + kPasses - 1) / kPasses : 1;
