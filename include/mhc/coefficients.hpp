@@ -27,8 +27,9 @@
 //                     backward, recomputing its iterates from z)
 //   g = dz / r;   dW = sum_t v_t^T g_t;   dv_t = W g_t - v_t (z_t . g_t) / (nC r_t)   (d_X +=)
 //   d_alpha = sum_t sum(da_t * z_t) per group;   d_b = sum_t da_t.
-// d_X and d_W come from ONE fused pass over X and d_X: each job owns a block of K = nC (2 KB of
-// columns of one stream row) and walks all tokens in token order (see grad_block).
+// d_X and d_W come from ONE fused pass over X and d_X: each job owns a block of K = nC (2048
+// columns of one stream row with AVX-512, else 2 KB of them) and walks all tokens in token order
+// (see grad_block).
 //
 // Cache: the forward writes r (T, 1) and z (T, M) (M + 1 values per token, caller-owned); the
 // backward reads them and recomputes the Sinkhorn iterates per token (no t_max * n^2 storage).
@@ -573,20 +574,28 @@ struct CoefficientKernels {
   /// (TC x kPacket floats each, L1); the last adds its part and writes d_X once (one bf16
   /// rounding). d_W is summed in token order with the same FMAs as in the single loop (bit for
   /// bit); the d_X sum's order differs (two partial sums per pass), so d_X moves in the last bits.
-  /// The first pass prefetches the next line of X and of d_X into L2, not L1: the 64 token rows of
+  /// The first pass prefetches the next line of X and of d_X into L2, not L1: the token rows of
   /// a strip lie a multiple of 4 KB apart (n C s bytes for every C in the benchmark), all in ONE L1
-  /// set (12 ways), so lines prefetched one strip ahead into L1 evict each other before they are
-  /// read. Paired A/B against the single loop / kTwoPass (scratch harness, whole backward, bench
-  /// shapes; docs/operators.md): float 1.13-1.19x, bf16 1.03-1.09x (1 and 2 threads; one noisier
-  /// 2-thread run: float 1.02-1.07x, bf16 0.97-1.00x).
+  /// set (8 or 12 ways), so lines prefetched one strip ahead into L1 evict each other before they
+  /// are read. Paired A/B against the single loop / kTwoPass (scratch harness, whole backward,
+  /// bench shapes; docs/operators.md): float 1.13-1.19x, bf16 1.03-1.09x (1 and 2 threads; one
+  /// noisier 2-thread run: float 1.02-1.07x, bf16 0.97-1.00x).
+  /// Jobs of 2048 columns and chunks of 8 (float) or 16 (bf16) tokens (kGradBlock, kChunkTokens;
+  /// 512 and 64 before 2026-11-30): each token's row is walked in runs of 8 KB (float), and a
+  /// chunk has 16 or 32 rows of X and d_X in flight instead of 128, few enough for the hardware
+  /// prefetchers to follow. bench_operators, six alternating runs on the Cascade Lake VM
+  /// (docs/operators.md): float 0.39-0.46 -> 0.48-0.58 of the roofline, bf16 0.24-0.27 ->
+  /// 0.27-0.31; float chunks of 8 with 512-column jobs gave 0.40-0.42 -> 0.45-0.47.
   /// At every benchmark C the rows cost 10-30% through this aliasing (the same bytes at C = 1088,
   /// 4112, 7184: float 1 thread 0.57-0.71 of the roofline instead of 0.52-0.60, bf16 0.56-0.78
-  /// instead of 0.47-0.62). Tried against it and not kept (docs/operators.md, all slower or
-  /// within the noise): each chunk's block rows of X and d_X staged in row order through a stack
-  /// buffer with non-aliasing rows (the copy does not overlap the passes: 2-3x slower), also
-  /// double-buffered with the copy interleaved into the passes (2x slower); the same strip
-  /// prefetched 16 or 32 tokens ahead instead of the next line; 16- or 32-token chunks; d_X_old
-  /// read in the last pass; dynamic job scheduling. One core reads X and d_X at 13-14 GB/s at
+  /// instead of 0.47-0.62; measured with 64-token chunks). Tried against it and not kept
+  /// (docs/operators.md, all slower or within the noise): each chunk's block rows of X and d_X
+  /// staged in row order through a stack buffer with non-aliasing rows (the copy does not overlap
+  /// the passes: 2-3x slower), also double-buffered with the copy interleaved into the passes (2x
+  /// slower); the same strip prefetched 16 or 32 tokens ahead instead of the next line; d_X_old
+  /// read in the last pass; dynamic job scheduling; against the present constants, 4096-column
+  /// jobs, chunks of 4 float tokens or of 8 or 32 bf16 tokens, prefetches 128 B ahead or into L1
+  /// (16 float tokens: faster on 1 thread, slower on 2). One core reads X and d_X at 13-14 GB/s at
   /// most, so the float pass is within 1.2-1.4x of reading its inputs once.
   ///
   /// Otherwise (no AVX-512: 16 registers; a run-time n; the row's last, narrower strip), with
