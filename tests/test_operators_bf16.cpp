@@ -190,6 +190,9 @@ TEST_CASE("bf16 storage matches double within the stated tolerance", "[bf16]") {
   storage_case<mhc::bf16, 8>(8, 64, 5);
   storage_case<mhc::bf16, 1>(1, 1, 1);
   storage_case<mhc::bf16, 4>(4, 257, 150);  // > 2 chunks of the fused backward pass (64 tokens)
+  // rows of more than one job of the fused backward pass (2048 columns with the AVX-512 register
+  // passes) and a partial last one; 21 tokens: partial chunks of 8 and 16 tokens
+  storage_case<mhc::bf16, 4>(4, 2100, 21);
 }
 
 TEST_CASE("float storage matches double within the stated tolerance", "[float]") {
@@ -197,6 +200,7 @@ TEST_CASE("float storage matches double within the stated tolerance", "[float]")
   storage_case<float, mhc::Dynamic>(8, 64, 5);
   storage_case<float, 2>(2, 3, 9);
   storage_case<float, 4>(4, 257, 150);  // > 2 chunks of the fused backward pass (64 tokens)
+  storage_case<float, 4>(4, 2100, 21);   // > 1 job per row and partial chunks (see above)
 }
 
 TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat16", "[bf16]") {

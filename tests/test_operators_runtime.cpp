@@ -143,6 +143,9 @@ TEST_CASE("Results are bitwise identical on 1 and 2 threads", "[runtime][threads
 #if defined(_OPENMP)
   threads_case<float, 4>(4, 1100, 80);  // > kMinParallelWork for every pass
   threads_case<mhc::bf16, 4>(4, 1100, 80);
+  // rows of two jobs of the fused backward pass with the AVX-512 register passes (2048 columns)
+  threads_case<float, 4>(4, 2100, 40);
+  threads_case<mhc::bf16, 4>(4, 2100, 40);
   threads_case<double, mhc::Dynamic>(3, 1000, 120);
 #else
   WARN("built without OpenMP: nothing to compare");
