@@ -1,6 +1,7 @@
-// Run-time properties of the operators: no heap allocation on any forward or backward
-// (EIGEN_RUNTIME_NO_MALLOC, with a positive control), and bitwise-identical results on 1 and 2
-// OpenMP threads (sizes large enough that the parallel path is taken).
+// Run-time properties of the operators: no heap allocation on any forward or backward, the fused
+// Coefficients + PreMix forward included (EIGEN_RUNTIME_NO_MALLOC, with a positive control), and
+// bitwise-identical results on 1 and 2 OpenMP threads (sizes large enough that the parallel path
+// is taken).
 #include <cstdio>
 
 namespace {
@@ -38,8 +39,8 @@ struct Workload {
   int n;
   Index C, T, M;
   CoefParamsD pd;
-  RowMat<S> X, y, G, Gu, X_out, u, dX, dXu, dy;
-  RowMat<R> hp, hq, H, r, z, dhp, dhq, dH, Gp, Gq, GH, dW;
+  RowMat<S> X, y, G, Gu, X_out, u, dX, dXu, dy, fu;  // f*: the fused Coefficients + PreMix
+  RowMat<R> hp, hq, H, r, z, dhp, dhq, dH, Gp, Gq, GH, dW, fhp, fhq, fH, fr, fz;
   Eigen::Matrix<R, Eigen::Dynamic, 1> da, dbp, dbq, dbr, ws;
 
   Workload(int n_, Index C_, Index T_, std::uint64_t seed)
@@ -56,14 +57,18 @@ struct Workload {
     X_out.resize(T * n, C), u.resize(T, C), dXu.resize(T * n, C), dy.resize(T, C);
     dX = RowMat<S>::Zero(T * n, C);
     hp.resize(T, n), hq.resize(T, n), H.resize(T, Index(n) * n), r.resize(T, 1), z.resize(T, M);
+    fhp.resize(T, n), fhq.resize(T, n), fH.resize(T, Index(n) * n), fr.resize(T, 1), fz.resize(T, M);
+    fu.resize(T, C);
     dhp.resize(T, n), dhq.resize(T, n), dH.resize(T, Index(n) * n), dW.resize(Index(n) * C, M);
     da.resize(3), dbp.resize(n), dbq.resize(n), dbr.resize(Index(n) * n);
     ws.resize(mhc::Coefficients<S, N>::workspace_size(T, n, C));
   }
 
-  /// All six operator calls; `params` is built by the caller (binding views allocates nothing).
+  /// All six operator calls and the fused forward; `params` is built by the caller (binding views
+  /// allocates nothing).
   void run(const mhc::CoefficientParams<R>& params) {
     mhc::Coefficients<S, N>::forward(X, params, hp, hq, H, r, z);
+    mhc::Coefficients<S, N>::forward(X, params, fhp, fhq, fH, fr, fz, fu);
     mhc::PreMix<S, N>::forward(X, hp, u);
     mhc::Update<S, N>::forward(X, H, hq, y, X_out);
     mhc::Update<S, N>::backward(X, H, hq, y, G, dXu, dH, dhq, dy);
@@ -81,7 +86,8 @@ struct Workload {
            same(dy, o.dy) && same(hp, o.hp) && same(hq, o.hq) && same(H, o.H) && same(r, o.r) &&
            same(z, o.z) && same(dhp, o.dhp) && same(dhq, o.dhq) && same(dH, o.dH) &&
            same(dW, o.dW) && same(da, o.da) && same(dbp, o.dbp) && same(dbq, o.dbq) &&
-           same(dbr, o.dbr);
+           same(dbr, o.dbr) && same(fhp, o.fhp) && same(fhq, o.fhq) && same(fH, o.fH) &&
+           same(fr, o.fr) && same(fz, o.fz) && same(fu, o.fu);
   }
 };
 
@@ -98,6 +104,7 @@ void no_malloc_case(int n, Index C, Index T) {
                                                      pv.b_res};
   auto hp1 = w.hp.topRows(1), hq1 = w.hq.topRows(1), H1 = w.H.topRows(1);
   mhc::Coefficients<S, N>::forward(w.X, sp, hp1, hq1, H1, w.r, w.z);
+  mhc::Coefficients<S, N>::forward(w.X, sp, hp1, hq1, H1, w.r, w.z, w.fu);
   mhc::Coefficients<S, N>::backward(w.X, sp, w.r, w.z, w.Gp, w.Gq, w.GH, w.dX,
                                     {dW0, w.da, w.dbp, w.dbq, w.dbr}, w.ws.head(0));
   Eigen::internal::set_is_malloc_allowed(true);

@@ -20,7 +20,8 @@
 // applied after the product. The per-token mappings are the shared MHC_HOST_DEVICE
 // kernels of detail/coefficient_kernel.hpp and detail/variant_kernel.hpp (the CUDA operators use
 // the same ones), run for one SIMD register of tokens at a time (structure of arrays) when n is
-// fixed at compile time.
+// fixed at compile time. The forward overload with u also runs PreMix::forward (mixing.hpp) on
+// each 16 tokens right after their coefficients, from their rows of X still in cache.
 //
 // Backward (G_h = dL/dh_pre, dL/dh_post, dL/dH_res per token):
 //   dz = alpha * da  (the mapping's backward; for mHC the gates and the exact t_max-step Sinkhorn
@@ -48,11 +49,13 @@
 #pragma once
 
 #include <cmath>
+#include <numeric>
 #include <utility>
 
 #include "mhc/detail/coefficient_kernel.hpp"
 #include "mhc/detail/operator_support.hpp"
 #include "mhc/detail/projection_avx512.hpp"
+#include "mhc/mixing.hpp"
 #include "mhc/variants.hpp"
 
 namespace mhc {
@@ -191,6 +194,11 @@ struct CoefficientKernels {
   static constexpr int kLanes = kPacket;
   /// Tokens per forward job: whole projection tiles and whole lane groups.
   static constexpr int kGroupTokens = 48;
+  /// Tokens per step of a forward job with the fused pre-mix (see Coefficients::forward): whole
+  /// tiles and lane groups, 16 with the AVX-512 tile (256 KB of X at C = 1024 in float, which
+  /// stays in L2 next to W's 384 KB until the pre-mix reads it).
+  static constexpr int kFusedTokens = std::lcm(kTileTokens, kLanes);
+  static_assert(kGroupTokens % kFusedTokens == 0, "fused steps must tile a job");
 
   /// The mapping z -> (h_pre, h_post, H_res) of tokens [t0, t0 + count), count <= kLanes, all at
   /// once as a structure-of-arrays tile (lanes >= count get z = 0 and are not stored). For a
@@ -813,48 +821,19 @@ struct Coefficients {
   static void forward(const ConstBatchRef<Scalar>& X, const Params& p, BatchRef<Real> h_pre,
                       BatchRef<Real> h_post, BatchRef<Real> H_res, BatchRef<Real> r,
                       BatchRef<Real> z) {
-    constexpr const char* where = "Coefficients::forward";
-    const int n_rt = check_params(where, p);
-    const int n = N == Dynamic ? n_rt : N;
-    const Index M = projection_size(n);
-    using K = detail::CoefficientKernels<Scalar, N, Mapping>;
-    if (is_static(p)) {
-      detail::check_batch(where, "h_pre", h_pre, 1, n);
-      detail::check_batch(where, "h_post", h_post, 1, n);
-      detail::check_batch(where, "H_res", H_res, 1, Index(n) * n);
-      check_outputs_disjoint(where, p, h_pre, h_post, H_res);
-      const Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1> zero =
-          Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1>::Zero(M);
-      Real scratch[K::kScratch];
-      Mapping::template forward<N>(n, p.iterations, zero.data(), K::gates(p), h_pre.data(),
-                                   h_post.data(), H_res.data(), scratch);
-      return;
-    }
-    const Index T = check_x(where, X, n, p);
-    detail::check_batch(where, "h_pre", h_pre, T, n);
-    detail::check_batch(where, "h_post", h_post, T, n);
-    detail::check_batch(where, "H_res", H_res, T, Index(n) * n);
-    detail::check_batch(where, "r", r, T, 1);
-    detail::check_batch(where, "z", z, T, M);
-    check_outputs_disjoint(where, p, h_pre, h_post, H_res, r, z);
-    const auto outputs = {detail::byte_range(h_pre), detail::byte_range(h_post),
-                          detail::byte_range(H_res), detail::byte_range(r), detail::byte_range(z)};
-    for (const auto& o : outputs)
-      if (range_overlaps(o, detail::byte_range(X)))
-        detail::throw_invalid(where, "an output overlaps X");
-    // Jobs of kGroupTokens tokens: projection tiles of TB tokens (then single tokens), then the
-    // mappings kLanes tokens at a time.
-    constexpr int TB = K::kTileTokens;
-    constexpr int G = K::kGroupTokens;
-    const Index jobs = (T + G - 1) / G;
-    detail::for_each_parallel(jobs, Index(G) * n * X.cols() * M, [&](Index job) {
-      const Index t0 = job * G, t1 = std::min(T, t0 + G);
-      Index t = t0;
-      for (; t + TB <= t1; t += TB) K::template forward_tile<TB>(X, p, n, t, r, z);
-      for (; t < t1; ++t) K::template forward_tile<1>(X, p, n, t, r, z);
-      for (t = t0; t < t1; t += K::kLanes)
-        K::map_forward(p, n, t, std::min<Index>(K::kLanes, t1 - t), z, h_pre, h_post, H_res);
-    });
+    forward_impl("Coefficients::forward", X, p, h_pre, h_post, H_res, r, z, nullptr);
+  }
+
+  /// Forward with the pre-mix fused in: as above, and u (T, C) Scalar = h_pre^T X per token
+  /// (PreMix::forward), each group of tokens' u computed right after its coefficients, while
+  /// its rows of X are still in cache. X is then read from memory once instead of twice (spec
+  /// section 6: projection, sum of squares and u read X once). Every output is bit for bit
+  /// what forward() followed by PreMix::forward gives. In static-only mode X is read (for u
+  /// only) and T = X.rows() / n. u must not overlap X, the parameters or any other output.
+  static void forward(const ConstBatchRef<Scalar>& X, const Params& p, BatchRef<Real> h_pre,
+                      BatchRef<Real> h_post, BatchRef<Real> H_res, BatchRef<Real> r,
+                      BatchRef<Real> z, BatchRef<Scalar> u) {
+    forward_impl("Coefficients::forward (with u)", X, p, h_pre, h_post, H_res, r, z, &u);
   }
 
   /// Backward. Inputs as the forward plus its cache r, z and the coefficient gradients
@@ -1029,6 +1008,92 @@ struct Coefficients {
 
  private:
   static bool is_static(const Params& p) { return p.W.rows() == 0; }
+
+  /// forward() and, when u is non-null, the fused pre-mix (see the public overloads).
+  static void forward_impl(const char* where, const ConstBatchRef<Scalar>& X, const Params& p,
+                           BatchRef<Real>& h_pre, BatchRef<Real>& h_post, BatchRef<Real>& H_res,
+                           BatchRef<Real>& r, BatchRef<Real>& z, BatchRef<Scalar>* u) {
+    const int n_rt = check_params(where, p);
+    const int n = N == Dynamic ? n_rt : N;
+    const Index M = projection_size(n);
+    using K = detail::CoefficientKernels<Scalar, N, Mapping>;
+    // u: (T, C), disjoint from X, the parameters and the other outputs; checked before anything
+    // is written
+    const auto check_u = [&](Index T, bool with_cache) {
+      detail::check_batch(where, "u", *u, T, X.cols());
+      const auto bytes = detail::byte_range(*u);
+      const std::pair<std::uintptr_t, std::uintptr_t> none{0, 0};  // r, z: unused when static
+      const std::pair<const char*, std::pair<std::uintptr_t, std::uintptr_t>> others[] = {
+          {"X", detail::byte_range(X)},
+          {"W", detail::byte_range(p.W)},
+          {"b_pre", detail::byte_range(detail::vector_bytes(p.b_pre))},
+          {"b_post", detail::byte_range(detail::vector_bytes(p.b_post))},
+          {"b_res", detail::byte_range(detail::vector_bytes(p.b_res))},
+          {"h_pre", detail::byte_range(h_pre)},
+          {"h_post", detail::byte_range(h_post)},
+          {"H_res", detail::byte_range(H_res)},
+          {"r", with_cache ? detail::byte_range(r) : none},
+          {"z", with_cache ? detail::byte_range(z) : none}};
+      for (const auto& [name, range] : others)
+        if (range_overlaps(bytes, range))
+          detail::throw_invalid(where, "u overlaps ", name);
+    };
+    if (is_static(p)) {
+      detail::check_batch(where, "h_pre", h_pre, 1, n);
+      detail::check_batch(where, "h_post", h_post, 1, n);
+      detail::check_batch(where, "H_res", H_res, 1, Index(n) * n);
+      check_outputs_disjoint(where, p, h_pre, h_post, H_res);
+      if (u != nullptr) {
+        if (X.rows() % n != 0)
+          detail::throw_invalid(where, "X has ", X.rows(), " rows, not a multiple of n = ", n);
+        detail::check_batch(where, "X", X, X.rows(), X.cols());
+        check_u(X.rows() / n, false);
+      }
+      const Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1> zero =
+          Eigen::Matrix<Real, Eigen::Dynamic, 1, 0, K::kMaxM, 1>::Zero(M);
+      Real scratch[K::kScratch];
+      Mapping::template forward<N>(n, p.iterations, zero.data(), K::gates(p), h_pre.data(),
+                                   h_post.data(), H_res.data(), scratch);
+      if (u != nullptr) PreMix<Scalar, N>::forward(X, h_pre, *u);
+      return;
+    }
+    const Index T = check_x(where, X, n, p);
+    detail::check_batch(where, "h_pre", h_pre, T, n);
+    detail::check_batch(where, "h_post", h_post, T, n);
+    detail::check_batch(where, "H_res", H_res, T, Index(n) * n);
+    detail::check_batch(where, "r", r, T, 1);
+    detail::check_batch(where, "z", z, T, M);
+    check_outputs_disjoint(where, p, h_pre, h_post, H_res, r, z);
+    const auto outputs = {detail::byte_range(h_pre), detail::byte_range(h_post),
+                          detail::byte_range(H_res), detail::byte_range(r), detail::byte_range(z)};
+    for (const auto& o : outputs)
+      if (range_overlaps(o, detail::byte_range(X)))
+        detail::throw_invalid(where, "an output overlaps X");
+    if (u != nullptr) check_u(T, true);
+    // Jobs of kGroupTokens tokens: projection tiles of TB tokens (then single tokens), then the
+    // mappings kLanes tokens at a time. With u, a job goes kFusedTokens tokens at a time (tiles,
+    // mappings, then PreMix::forward on them, their rows of X still in L2), which keeps the
+    // tile and lane-group boundaries of the unfused order, so every result is the same.
+    constexpr int TB = K::kTileTokens;
+    constexpr int G = K::kGroupTokens;
+    const Index S = u != nullptr ? K::kFusedTokens : G;
+    const Index C = X.cols();
+    const Index jobs = (T + G - 1) / G;
+    detail::for_each_parallel(jobs, Index(G) * n * C * M, [&](Index job) {
+      const Index t1 = std::min(T, job * G + G);
+      for (Index s0 = job * G; s0 < t1; s0 += S) {
+        const Index s1 = std::min(t1, s0 + S);
+        Index t = s0;
+        for (; t + TB <= s1; t += TB) K::template forward_tile<TB>(X, p, n, t, r, z);
+        for (; t < s1; ++t) K::template forward_tile<1>(X, p, n, t, r, z);
+        for (t = s0; t < s1; t += K::kLanes)
+          K::map_forward(p, n, t, std::min<Index>(K::kLanes, s1 - t), z, h_pre, h_post, H_res);
+        if (u != nullptr)
+          PreMix<Scalar, N>::forward(X.middleRows(s0 * n, (s1 - s0) * n),
+                                     h_pre.middleRows(s0, s1 - s0), u->middleRows(s0, s1 - s0));
+      }
+    });
+  }
 
   static bool range_overlaps(const std::pair<std::uintptr_t, std::uintptr_t>& a,
                              const std::pair<std::uintptr_t, std::uintptr_t>& b) {
