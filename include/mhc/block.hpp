@@ -7,7 +7,8 @@
 // and the exact backward through all of it (spec section 3), calling F's backward for d_u.
 // Every variant with coefficients runs the library's operators: Coefficients<Scalar, N, Variant>
 // (one projection, RMS norm and d_X / d_W backward for all; the variants differ only in the
-// per-token mapping of variants.hpp), PreMix and Update.
+// per-token mapping of variants.hpp), PreMix and Update. The forward computes the coefficients
+// and u in one call (Coefficients::forward with u: X read from memory once for both).
 // ResidualVariant (n = 1) is x' = x + F(x), computed as exactly that sum.
 //
 // The layer concept: any object `layer` with, for Scalar S,
@@ -396,11 +397,11 @@ class Block {
     const bool cache = ctx.mode_ == MemoryMode::cache;
     if constexpr (Variant::kHasCoefficients) {
       if (cache) {
-        coefficients(ctx.X, ctx.r, ctx.z, ctx.h_pre, ctx.h_post, ctx.H_res);
-        run_layer_and_update(ctx.X, layer, ctx.h_pre, ctx.h_post, ctx.H_res, ws, ctx.y, X_out);
+        coefficients_and_u(ctx.X, ctx.r, ctx.z, ctx.h_pre, ctx.h_post, ctx.H_res, ws.u);
+        layer_and_update(ctx.X, layer, ctx.h_post, ctx.H_res, ws, ctx.y, X_out);
       } else {
-        coefficients(ctx.X, ws.r, ws.z, ws.h_pre, ws.h_post, ws.H_res);
-        run_layer_and_update(ctx.X, layer, ws.h_pre, ws.h_post, ws.H_res, ws, ws.y, X_out);
+        coefficients_and_u(ctx.X, ws.r, ws.z, ws.h_pre, ws.h_post, ws.H_res, ws.u);
+        layer_and_update(ctx.X, layer, ws.h_post, ws.H_res, ws, ws.y, X_out);
       }
     } else {
       RowMatrix<Scalar>& y = cache ? ctx.y : ws.y;
@@ -439,8 +440,7 @@ class Block {
       d_X = ws.d_y + ws.d_u;
     } else {
       if (!cache) {
-        coefficients(ctx.X, ws.r, ws.z, ws.h_pre, ws.h_post, ws.H_res);
-        PreMix<Scalar, N>::forward(ctx.X, ws.h_pre, ws.u);
+        coefficients_and_u(ctx.X, ws.r, ws.z, ws.h_pre, ws.h_post, ws.H_res, ws.u);
         layer.forward(ws.u, ws.y);
       }
       const RowMatrix<Real>& r = cache ? ctx.r : ws.r;
@@ -516,23 +516,23 @@ class Block {
         ConstVectorRef<Real>(p.b_res()), options_.iterations, Real(options_.eps)};
   }
 
-  /// (r, z, h_pre, h_post, H_res) of every token of X (one coefficient row when static-only).
-  void coefficients(const RowMatrix<Scalar>& X, RowMatrix<Real>& r, RowMatrix<Real>& z,
-                    RowMatrix<Real>& h_pre, RowMatrix<Real>& h_post,
-                    RowMatrix<Real>& H_res) const {
+  /// (r, z, h_pre, h_post, H_res) of every token of X (one coefficient row when static-only)
+  /// and u = h_pre^T X, in the fused forward (X read from memory once).
+  void coefficients_and_u(const RowMatrix<Scalar>& X, RowMatrix<Real>& r, RowMatrix<Real>& z,
+                          RowMatrix<Real>& h_pre, RowMatrix<Real>& h_post, RowMatrix<Real>& H_res,
+                          RowMatrix<Scalar>& u) const {
     if constexpr (Variant::kHasCoefficients)
       Coefficients<Scalar, N, Variant>::forward(X, coefficient_params(), h_pre, h_post, H_res, r,
-                                                z);
+                                                z, u);
     else  // the residual variant has no coefficients: never called
-      (void)X, (void)r, (void)z, (void)h_pre, (void)h_post, (void)H_res;
+      (void)X, (void)r, (void)z, (void)h_pre, (void)h_post, (void)H_res, (void)u;
   }
 
-  /// u = h_pre^T X, y = F(u), X_out = H_res X + h_post y^T.
+  /// y = F(u) (u in ws.u), X_out = H_res X + h_post y^T.
   template <typename Layer>
-  void run_layer_and_update(const RowMatrix<Scalar>& X, Layer& layer, const RowMatrix<Real>& h_pre,
-                            const RowMatrix<Real>& h_post, const RowMatrix<Real>& H_res,
-                            Workspace& ws, RowMatrix<Scalar>& y, BatchRef<Scalar>& X_out) const {
-    PreMix<Scalar, N>::forward(X, h_pre, ws.u);
+  void layer_and_update(const RowMatrix<Scalar>& X, Layer& layer, const RowMatrix<Real>& h_post,
+                        const RowMatrix<Real>& H_res, Workspace& ws, RowMatrix<Scalar>& y,
+                        BatchRef<Scalar>& X_out) const {
     layer.forward(ws.u, y);
     Update<Scalar, N>::forward(X, H_res, h_post, y, X_out);
   }
