@@ -1,4 +1,5 @@
-// The CPU operators at n = 4: Coefficients, PreMix, Update, forward and backward, float and bf16
+// The CPU operators at n = 4: Coefficients, PreMix, Update, forward and backward, and the fused
+// Coefficients + PreMix forward, float and bf16
 // storage, C in {1024, 4096, 7168}, on 1 thread and on all threads. T is chosen so that X alone
 // is 128 MiB (4x the 32 MB L3), so every pass streams from DRAM.
 //
@@ -21,8 +22,10 @@
 //    roofline time / operator time (the target: >= 0.5 of whichever bound binds).
 // Minimal bytes per token (s = storage bytes, n = 4): PreMix fwd (n+1)Cs, bwd (3n+1)Cs (d_X is
 // read and written); Update fwd (2n+1)Cs, bwd (3n+2)Cs; Coefficients fwd nCs (X; W stays in
-// cache), bwd 3nCs (X, d_X read and written). Coefficient flops: 2 nC (n^2+2n) per token forward,
-// twice that backward (dX and dW).
+// cache), bwd 3nCs (X, d_X read and written); the fused Coefficients + PreMix forward
+// (CoefficientsPreMix rows: Coefficients::forward with u) (n+1)Cs, X read once and u written, as
+// spec section 6 counts it. Coefficient flops: 2 nC (n^2+2n) per token forward, twice that
+// backward (dX and dW).
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -234,7 +237,7 @@ double fma_peak(int threads) {
 /// taken once at the start misstates what the same cores could do while the operator ran.
 double fma_peak_now(int threads) { return fma_rate(threads, 1L << 18, 2); }
 
-enum class Op { PreMixFwd, PreMixBwd, UpdateFwd, UpdateBwd, CoefFwd, CoefBwd };
+enum class Op { PreMixFwd, PreMixBwd, UpdateFwd, UpdateBwd, CoefFwd, CoefBwd, CoefPreMixFwd };
 
 template <typename S, Op op>
 void BM_op(benchmark::State& state) {
@@ -265,6 +268,9 @@ void BM_op(benchmark::State& state) {
     case Op::CoefBwd:
       bytes = 3 * kN * tok, flops = 2 * proj;
       break;
+    case Op::CoefPreMixFwd:
+      bytes = (kN + 1) * tok, flops = proj;
+      break;
   }
   const auto params = d.params();
   const auto run = [&] {
@@ -284,6 +290,9 @@ void BM_op(benchmark::State& state) {
         break;
       case Op::CoefFwd:
         mhc::Coefficients<S, kN>::forward(d.X, params, d.h_pre, d.h_post, d.H_res, d.r, d.z);
+        break;
+      case Op::CoefPreMixFwd:
+        mhc::Coefficients<S, kN>::forward(d.X, params, d.h_pre, d.h_post, d.H_res, d.r, d.z, d.y);
         break;
       case Op::CoefBwd:
         mhc::Coefficients<S, kN>::backward(d.X, params, d.r, d.z, d.d_h_pre, d.d_h_post, d.d_H_res,
@@ -349,7 +358,7 @@ void register_op(const std::string& name, Index C) {
         ->Unit(benchmark::kMillisecond);
 }
 
-/// C outermost, so the buffers of one (type, C) serve all six operators.
+/// C outermost, so the buffers of one (type, C) serve all six operators (and the fused forward).
 template <typename S>
 void register_all(const std::string& type) {
   for (const Index C : {1024, 4096, 7168}) {
@@ -359,6 +368,7 @@ void register_all(const std::string& type) {
     register_op<S, Op::UpdateBwd>(type + "/Update/backward", C);
     register_op<S, Op::CoefFwd>(type + "/Coefficients/forward", C);
     register_op<S, Op::CoefBwd>(type + "/Coefficients/backward", C);
+    register_op<S, Op::CoefPreMixFwd>(type + "/CoefficientsPreMix/forward", C);
   }
 }
 

@@ -7,6 +7,8 @@ vs_memcpy for PreMix and Update, vs_roofline for Coefficients, as the median ove
 the lowest and highest run in brackets. Above the table: each run's FMA peak (1 / 2 threads),
 which says whether the run was disturbed (another guest on the vCPUs halves the 2-thread peak),
 and the range of the peak measured next to the timed Coefficients calls (their vs_roofline uses it).
+Below it, for the fused Coefficients + PreMix forward (runs from 2026-11-30 on): its vs_roofline,
+and the time of the separate Coefficients and PreMix forwards over the fused call's.
 """
 import json
 import statistics
@@ -50,6 +52,35 @@ def main():
                                  if len(values) > 1 else f"{med:.2f}")
                 print(f"| {storage} | {op.replace('/', ' ')} ({counter}) | {threads} | "
                       + " | ".join(cells) + " |")
+    # The fused forward (Coefficients::forward with u): its vs_roofline on (n+1)Cs, and the time
+    # of the two separate calls (Coefficients forward + PreMix forward, same run) over its own.
+    fused = [k for r in runs for k in r if "/CoefficientsPreMix/" in k]
+    if not fused:
+        return
+    print()
+    print("| storage | fused Coefficients + PreMix forward | threads | C = 1024 | C = 4096 | C = 7168 |")
+    print("|---|---|---|---|---|---|")
+    for storage in ("float", "bf16"):
+        for threads in (1, 2):
+            for what in ("vs_roofline", "separate / fused"):
+                cells = []
+                for C in (1024, 4096, 7168):
+                    tail = f"/C:{C}/threads:{threads}"
+                    key = f"{storage}/CoefficientsPreMix/forward{tail}"
+                    parts = (f"{storage}/Coefficients/forward{tail}", f"{storage}/PreMix/forward{tail}")
+                    if what == "vs_roofline":
+                        values = [r[key]["vs_roofline"] for r in runs if key in r]
+                    else:
+                        values = [(r[parts[0]]["real_time"] + r[parts[1]]["real_time"])
+                                  / r[key]["real_time"]
+                                  for r in runs if key in r and all(p in r for p in parts)]
+                    if not values:
+                        cells.append("-")
+                        continue
+                    med = statistics.median(values)
+                    cells.append(f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+                                 if len(values) > 1 else f"{med:.2f}")
+                print(f"| {storage} | {what} | {threads} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
