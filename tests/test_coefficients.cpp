@@ -364,18 +364,20 @@ TEST_CASE("Coefficients: rows of H_res sum to one, h_pre in (0, 1), h_post in (0
 }
 
 TEST_CASE("Coefficients reject bad arguments before writing anything", "[coefficients][errors]") {
-  Rng rng(fresh_seed());
-  const int n = 4;
-  const Index T = 3, C = 10, M = 24;
-  const RowMat<float> X = random_matrix(rng, T * n, C).cast<float>();
-  CoefParamsD pd = random_coef_params(rng, n, C);
-  CoefParamsView<float> pv(pd);
-  using Op = mhc::Coefficients<float>;
-  RowMat<float> hp = RowMat<float>::Constant(T, n, 9.f), hq = hp,
-                H = RowMat<float>::Constant(T, n * n, 9.f);
-  RowMat<float> r = RowMat<float>::Constant(T, 1, 9.f), z = RowMat<float>::Constant(T, M, 9.f);
-  const RowMat<float> hp0 = hp, H0 = H, r0 = r, z0 = z;
-  const auto untouched = [&] { return hp == hp0 && hq == hp0 && H == H0 && r == r0 && z == z0; };
+  CoefErrorCase c;
+  constexpr int n = CoefErrorCase::n;
+  constexpr Index T = CoefErrorCase::T, C = CoefErrorCase::C, M = CoefErrorCase::M;
+  using Op = CoefErrorCase::Op;
+  const RowMat<float>& X = c.X;
+  const CoefParamsD& pd = c.pd;
+  CoefParamsView<float>& pv = c.pv;
+  RowMat<float>& hp = c.hp;
+  RowMat<float>& hq = c.hq;
+  RowMat<float>& H = c.H;
+  RowMat<float>& r = c.r;
+  RowMat<float>& z = c.z;
+  Rng& rng = c.rng;
+  const auto untouched = [&] { return c.untouched(); };
   auto p = pv.params;
 
   CHECK_THROWS_AS(Op::forward(X.topRows(T * n - 1), p, hp, hq, H, r, z), mhc::invalid_argument);

@@ -101,73 +101,60 @@ TEST_CASE("Fused Coefficients + PreMix forward with the HC and mHC-lite mappings
 
 TEST_CASE("Fused Coefficients + PreMix forward rejects bad arguments before writing anything",
           "[coefficients][premix][fused][errors]") {
-  Rng rng(fresh_seed());
-  const int n = 4;
-  const Index T = 3, C = 10, M = 24;
-  const RowMat<float> X = random_matrix(rng, T * n, C).cast<float>();
-  CoefParamsD pd = random_coef_params(rng, n, C);
-  CoefParamsView<float> pv(pd);
-  using Op = mhc::Coefficients<float>;
-  RowMat<float> hp = RowMat<float>::Constant(T, n, 9.f), hq = hp,
-                H = RowMat<float>::Constant(T, n * n, 9.f);
-  RowMat<float> r = RowMat<float>::Constant(T, 1, 9.f), z = RowMat<float>::Constant(T, M, 9.f);
+  CoefErrorCase c;
+  constexpr int n = CoefErrorCase::n;
+  constexpr Index T = CoefErrorCase::T, C = CoefErrorCase::C, M = CoefErrorCase::M;
+  using Op = CoefErrorCase::Op;
+  const auto& p = c.pv.params;
   RowMat<float> u = RowMat<float>::Constant(T, C, 9.f);
-  const RowMat<float> hp0 = hp, H0 = H, r0 = r, z0 = z, u0 = u;
-  const auto untouched = [&] {
-    return hp == hp0 && hq == hp0 && H == H0 && r == r0 && z == z0 && u == u0;
+  const RowMat<float> u0 = u;
+  // a call with everything valid except the u (or the argument) given
+  const auto fused = [&](const auto& X, auto&& z, auto&& u_) {
+    Op::forward(X, p, c.hp, c.hq, c.H, c.r, z, u_);
   };
-  const auto& p = pv.params;
 
   // u of the wrong shape, null, or with a stride below C
-  CHECK_THROWS_AS(Op::forward(X, p, hp, hq, H, r, z, u.topRows(T - 1)), mhc::invalid_argument);
-  CHECK_THROWS_AS(Op::forward(X, p, hp, hq, H, r, z, u.leftCols(C - 1)), mhc::invalid_argument);
-  CHECK_THROWS_AS(Op::forward(X, p, hp, hq, H, r, z, mhc::map_batch(u.data(), T, C, C - 1)),
+  CHECK_THROWS_AS(fused(c.X, c.z, u.topRows(T - 1)), mhc::invalid_argument);
+  CHECK_THROWS_AS(fused(c.X, c.z, u.leftCols(C - 1)), mhc::invalid_argument);
+  CHECK_THROWS_AS(fused(c.X, c.z, mhc::map_batch(u.data(), T, C, C - 1)), mhc::invalid_argument);
+  CHECK_THROWS_AS(fused(c.X, c.z, mhc::map_batch(static_cast<float*>(nullptr), T, C)),
                   mhc::invalid_argument);
-  CHECK_THROWS_AS(
-      Op::forward(X, p, hp, hq, H, r, z, mhc::map_batch(static_cast<float*>(nullptr), T, C)),
-      mhc::invalid_argument);
   // u overlapping X, a parameter or another output
-  RowMat<float> Xc = X;
-  CHECK_THROWS_AS(Op::forward(Xc, p, hp, hq, H, r, z, mhc::map_batch(Xc.data() + 2, T, C)),
-                  mhc::invalid_argument);
-  CHECK_THROWS_AS(Op::forward(X, p, hp, hq, H, r, z, mhc::map_batch(pv.W.data(), T, C)),
-                  mhc::invalid_argument);
+  RowMat<float> Xc = c.X;
+  CHECK_THROWS_AS(fused(Xc, c.z, mhc::map_batch(Xc.data() + 2, T, C)), mhc::invalid_argument);
+  CHECK_THROWS_AS(fused(c.X, c.z, mhc::map_batch(c.pv.W.data(), T, C)), mhc::invalid_argument);
+  CHECK_THROWS_AS(fused(c.X, c.z, mhc::map_batch(c.H.data(), T, C, n * n)), mhc::invalid_argument);
   RowMat<float> big = RowMat<float>::Constant(T, 40, 9.f);
   const RowMat<float> big0 = big;
-  {
-    auto z_in_big = mhc::map_batch(big.data(), T, M, 40);
-    auto u_in_big = mhc::map_batch(big.data() + 5, T, C, 40);  // shares rows with z
-    CHECK_THROWS_AS(Op::forward(X, p, hp, hq, H, r, z_in_big, u_in_big), mhc::invalid_argument);
-    auto H_as_u = mhc::map_batch(H.data(), T, C, n * n);
-    CHECK_THROWS_AS(Op::forward(X, p, hp, hq, H, r, z, H_as_u), mhc::invalid_argument);
-  }
+  CHECK_THROWS_AS(fused(c.X, mhc::map_batch(big.data(), T, M, 40),
+                        mhc::map_batch(big.data() + 5, T, C, 40)),  // shares rows with z
+                  mhc::invalid_argument);
   // the usual forward errors still come first
-  CHECK_THROWS_AS(Op::forward(X.topRows(T * n - 1), p, hp, hq, H, r, z, u), mhc::invalid_argument);
-  CHECK_THROWS_AS(Op::forward(X, p, hp, hq, H, r, z.leftCols(M - 1), u), mhc::invalid_argument);
-  CHECK(untouched());
+  CHECK_THROWS_AS(fused(c.X.topRows(T * n - 1), c.z, u), mhc::invalid_argument);
+  CHECK_THROWS_AS(fused(c.X, c.z.leftCols(M - 1), u), mhc::invalid_argument);
+  CHECK(c.untouched());
+  CHECK(u == u0);
   CHECK(big == big0);
 
   // static-only mode: X is read for u, so its shape is checked against u and n
   RowMat<float> W0(0, M);
-  const mhc::CoefficientParams<float> sp{W0, p.alpha, pv.b_pre, pv.b_post, pv.b_res};
-  auto hp1 = hp.topRows(1), hq1 = hq.topRows(1), H1 = H.topRows(1);
-  CHECK_THROWS_AS(Op::forward(X.topRows(T * n - 1), sp, hp1, hq1, H1, r, z, u),
+  const mhc::CoefficientParams<float> sp{W0, p.alpha, c.pv.b_pre, c.pv.b_post, c.pv.b_res};
+  auto hp1 = c.hp.topRows(1), hq1 = c.hq.topRows(1), H1 = c.H.topRows(1);
+  CHECK_THROWS_AS(Op::forward(c.X.topRows(T * n - 1), sp, hp1, hq1, H1, c.r, c.z, u),
                   mhc::invalid_argument);
-  CHECK_THROWS_AS(Op::forward(X.topRows(T * n - n), sp, hp1, hq1, H1, r, z, u),
+  CHECK_THROWS_AS(Op::forward(c.X.topRows(T * n - n), sp, hp1, hq1, H1, c.r, c.z, u),
                   mhc::invalid_argument);
-  {
-    auto hp_in_big = mhc::map_batch(big.data() + 3, 1, n, n);
-    auto u_in_big = mhc::map_batch(big.data(), T, C, 40);
-    CHECK_THROWS_AS(Op::forward(X, sp, hp_in_big, hq1, H1, r, z, u_in_big),
-                    mhc::invalid_argument);
-  }
-  CHECK(untouched());
+  CHECK_THROWS_AS(Op::forward(c.X, sp, mhc::map_batch(big.data() + 3, 1, n, n), hq1, H1, c.r, c.z,
+                              mhc::map_batch(big.data(), T, C, 40)),
+                  mhc::invalid_argument);
+  CHECK(c.untouched());
+  CHECK(u == u0);
   CHECK(big == big0);
   // and where it is valid it writes the one coefficient row and u
-  Op::forward(X, sp, hp1, hq1, H1, r, z, u);
-  CHECK(r == r0);
-  CHECK(z == z0);
-  CHECK(hp.bottomRows(T - 1) == hp0.bottomRows(T - 1));
-  const RowMat<double> u_ref = premix_ref(X.cast<double>(), hp1.cast<double>(), n);
+  Op::forward(c.X, sp, hp1, hq1, H1, c.r, c.z, u);
+  CHECK(c.r == c.r0);
+  CHECK(c.z == c.z0);
+  CHECK(c.hp.bottomRows(T - 1) == c.hp0.bottomRows(T - 1));
+  const RowMat<double> u_ref = premix_ref(c.X.cast<double>(), hp1.cast<double>(), n);
   CHECK((u.cast<double>() - u_ref).cwiseAbs().maxCoeff() < 1e-5);
 }

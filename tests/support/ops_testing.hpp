@@ -264,4 +264,33 @@ struct CoefParamsView {
   CoefParamsView(const CoefParamsView&) = delete;
 };
 
+/// The small case of the coefficient error tests: float, n = 4, T = 3, C = 10, random X and
+/// parameters, and outputs filled with the sentinel 9 with a check that none of them changed.
+struct CoefErrorCase {
+  static constexpr int n = 4;
+  static constexpr Index T = 3, C = 10, M = 24;
+  using Op = mhc::Coefficients<float>;
+  Rng rng;
+  RowMat<float> X;
+  CoefParamsD pd;
+  CoefParamsView<float> pv;
+  RowMat<float> hp, hq, H, r, z;
+  const RowMat<float> hp0, H0, r0, z0;
+  CoefErrorCase()
+      : rng(fresh_seed()),
+        X(random_matrix(rng, T * n, C).cast<float>()),
+        pd(random_coef_params(rng, n, C)),
+        pv(pd),
+        hp(RowMat<float>::Constant(T, n, 9.f)),
+        hq(hp),
+        H(RowMat<float>::Constant(T, n * n, 9.f)),
+        r(RowMat<float>::Constant(T, 1, 9.f)),
+        z(RowMat<float>::Constant(T, M, 9.f)),
+        hp0(hp),
+        H0(H),
+        r0(r),
+        z0(z) {}
+  bool untouched() const { return hp == hp0 && hq == hp0 && H == H0 && r == r0 && z == z0; }
+};
+
 }  // namespace mhc_test
