@@ -15,6 +15,14 @@ import statistics
 import sys
 
 
+def cell(values):
+    """The median of a cell's values, with the lowest and highest in brackets ("-" if none)."""
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    return f"{med:.2f} ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else f"{med:.2f}"
+
+
 def main():
     runs = []
     for path in sys.argv[1:]:
@@ -43,13 +51,7 @@ def main():
                 cells = []
                 for C in (1024, 4096, 7168):
                     key = f"{storage}/{op}/C:{C}/threads:{threads}"
-                    values = [r[key][counter] for r in runs if key in r]
-                    if not values:
-                        cells.append("-")
-                        continue
-                    med = statistics.median(values)
-                    cells.append(f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
-                                 if len(values) > 1 else f"{med:.2f}")
+                    cells.append(cell([r[key][counter] for r in runs if key in r]))
                 print(f"| {storage} | {op.replace('/', ' ')} ({counter}) | {threads} | "
                       + " | ".join(cells) + " |")
     # The fused forward (Coefficients::forward with u): its vs_roofline on (n+1)Cs, and the time
@@ -74,12 +76,7 @@ def main():
                         values = [(r[parts[0]]["real_time"] + r[parts[1]]["real_time"])
                                   / r[key]["real_time"]
                                   for r in runs if key in r and all(p in r for p in parts)]
-                    if not values:
-                        cells.append("-")
-                        continue
-                    med = statistics.median(values)
-                    cells.append(f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
-                                 if len(values) > 1 else f"{med:.2f}")
+                    cells.append(cell(values))
                 print(f"| {storage} | {what} | {threads} | " + " | ".join(cells) + " |")
 
 
