@@ -71,7 +71,7 @@ void storage_cases() {
   fused_case<S, 1>(1, 130, 40, false, 5);
   fused_case<S, 2>(2, 64, 97, false, 0);
   fused_case<S, 8>(8, 33, 21, false, 3);
-  fused_case<S, 4>(4, 1088, 50, false, 0);  // rows past a 1024-column job of the backward
+  fused_case<S, 4>(4, 1088, 50, false, 0);  // 17 whole column blocks (bf16: the pre-mix row walk)
   fused_case<S, 4>(4, 257, 33, false, 7);   // padded row strides everywhere
   fused_case<S, 4>(4, 64, 9, true, 2);      // static-only
 }
