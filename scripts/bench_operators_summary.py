@@ -60,7 +60,8 @@ def main():
     if not fused:
         return
     print()
-    print("| storage | fused Coefficients + PreMix forward | threads | C = 1024 | C = 4096 | C = 7168 |")
+    print("| storage | fused Coefficients + PreMix forward | threads "
+          "| C = 1024 | C = 4096 | C = 7168 |")
     print("|---|---|---|---|---|---|")
     for storage in ("float", "bf16"):
         for threads in (1, 2):
@@ -69,7 +70,8 @@ def main():
                 for C in (1024, 4096, 7168):
                     tail = f"/C:{C}/threads:{threads}"
                     key = f"{storage}/CoefficientsPreMix/forward{tail}"
-                    parts = (f"{storage}/Coefficients/forward{tail}", f"{storage}/PreMix/forward{tail}")
+                    parts = (f"{storage}/Coefficients/forward{tail}",
+                             f"{storage}/PreMix/forward{tail}")
                     if what == "vs_roofline":
                         values = [r[key]["vs_roofline"] for r in runs if key in r]
                     else:

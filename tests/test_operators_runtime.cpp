@@ -57,8 +57,8 @@ struct Workload {
     X_out.resize(T * n, C), u.resize(T, C), dXu.resize(T * n, C), dy.resize(T, C);
     dX = RowMat<S>::Zero(T * n, C);
     hp.resize(T, n), hq.resize(T, n), H.resize(T, Index(n) * n), r.resize(T, 1), z.resize(T, M);
-    fhp.resize(T, n), fhq.resize(T, n), fH.resize(T, Index(n) * n), fr.resize(T, 1), fz.resize(T, M);
-    fu.resize(T, C);
+    fhp.resize(T, n), fhq.resize(T, n), fH.resize(T, Index(n) * n), fr.resize(T, 1);
+    fz.resize(T, M), fu.resize(T, C);
     dhp.resize(T, n), dhq.resize(T, n), dH.resize(T, Index(n) * n), dW.resize(Index(n) * C, M);
     da.resize(3), dbp.resize(n), dbq.resize(n), dbr.resize(Index(n) * n);
     ws.resize(mhc::Coefficients<S, N>::workspace_size(T, n, C));
