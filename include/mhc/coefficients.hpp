@@ -576,8 +576,10 @@ struct CoefficientKernels {
   /// (grad_strip_pass; M = 24: m in [0, 12), then [12, 24)): the pass's 12 packets of W and its 12
   /// d_W accumulators stay in registers over the chunk, so per token one broadcast of g_t[m] feeds
   /// both FMAs (d_W[m] += g_t[m] v_t and the d_X sum += g_t[m] W[m]): about 29 loads per 49 FMAs
-  /// instead of 50 per 48, which bound the single loop (float, a small working set, 1 thread: 0.45
-  /// -> 0.75 of the FMA peak). The first pass loads X and d_X, starts the d_X sum from d_X_old -
+  /// instead of 50 per 48, which bound the single loop (float, a small working set, 1 thread, on
+  /// the Zen 5 machine of docs/operators.md: 0.45 -> 0.75 of the FMA peak; on the Cascade Lake VM
+  /// there this grad_block runs at 0.27-0.35 of the peak even in L1 / L2 and the pass's
+  /// instruction mix alone at 0.45-0.52). The first pass loads X and d_X, starts the d_X sum from d_X_old -
   /// beta_t v_t and leaves it (float) and X (converted for bf16) in two chunk buffers on the stack
   /// (TC x kPacket floats each, L1); the last adds its part and writes d_X once (one bf16
   /// rounding). d_W is summed in token order with the same FMAs as in the single loop (bit for
