@@ -1,0 +1,151 @@
+// The coefficient kernels with their data in cache, one thread, against the FMA peak measured in
+// the same process: how much of the peak each kernel's own instruction mix reaches before any
+// DRAM traffic. bench_operators measures the whole operators from DRAM; the gap between the two
+// is the memory walk, and a kernel's rate here bounds its operator's vs_fma_peak there.
+//  - float/ProjectionTile/L1 (AVX-512 targets): the forward's register tile
+//    (detail/projection_avx512.hpp, 8 tokens x 24 outputs, n = 4) over 64 columns of its 8 rows
+//    of X and the 64 rows of W it reads (2 KB + 6 KB), 4096 times per iteration;
+//    2 x 8 x 64 x (24 + 1) flops per call (product and sum of squares).
+//  - {float,bf16}/CoefficientGrad/L2: the backward's fused d_X / d_W pass (grad_block, the
+//    kernel of Coefficients::backward after the per-token mapping) over all four stream rows of
+//    T = 128 tokens at C = 128 (X and d_X: 512 KB float, 256 KB bf16), 8 times per iteration;
+//    4 n C M T flops each.
+// Each iteration is followed (timer paused) by an FMA-peak measurement of about 1 ms
+// (mhc_bench::fma_peak_now); vs_fma_peak is the time those flops take at that peak over the
+// kernel's time. Inputs are fixed-seed uniform values; every output feeds DoNotOptimize.
+#include <benchmark/benchmark.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <mhc/coefficients.hpp>
+#include <random>
+#include <vector>
+
+#include "fma_peak.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace {
+
+using mhc::Index;
+constexpr int kN = 4;
+constexpr int kM = kN * kN + 2 * kN;  // mHC coefficients per token
+
+void fill(float* p, Index count, unsigned seed, float scale) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-scale, scale);
+  for (Index k = 0; k < count; ++k) p[k] = u(rng);
+}
+
+/// Runs `kernel` per iteration, then the FMA peak with the timer paused; reports GFLOPs,
+/// fma_peak_GFLOPs and vs_fma_peak for `flops` per call, bytes and items as given.
+template <typename Kernel>
+void time_against_peak(benchmark::State& state, double flops, double bytes, double items,
+                       Kernel&& kernel) {
+  kernel();  // warm the caches
+  double peak_s = 0;
+  for (auto _ : state) {
+    kernel();
+    benchmark::ClobberMemory();
+    state.PauseTiming();
+    peak_s += flops / mhc_bench::fma_peak_now(1);
+    state.ResumeTiming();
+  }
+  const double it = double(state.iterations());
+  state.SetBytesProcessed(static_cast<int64_t>(it * bytes));
+  state.SetItemsProcessed(static_cast<int64_t>(it * items));
+  state.counters["GFLOPs"] = benchmark::Counter(it * flops / 1e9, benchmark::Counter::kIsRate);
+  state.counters["fma_peak_GFLOPs"] = it * flops / peak_s / 1e9;
+  // rate counter: (time at that iteration's FMA peak) / (kernel time)
+  state.counters["vs_fma_peak"] = benchmark::Counter(peak_s, benchmark::Counter::kIsRate);
+}
+
+#if defined(MHC_HAVE_AVX512_KERNELS)
+void BM_projection_tile(benchmark::State& state) {
+  constexpr int kTokens = 8, kColumns = 64, kCalls = 4096;
+  using Tile = mhc::detail::ProjectionTileAvx512<kTokens, kM>;
+  alignas(64) float x[kTokens][kColumns];
+  alignas(64) float w[kColumns * kM];
+  fill(&x[0][0], kTokens * kColumns, 1, 1.f);
+  fill(w, kColumns * kM, 2, 0.1f);
+  const float* rows[kTokens];
+  for (int t = 0; t < kTokens; ++t) rows[t] = x[t];
+  const auto kernel = [&] {
+    Tile tile;
+    tile.set_zero();
+    for (int call = 0; call < kCalls; ++call) {
+      benchmark::DoNotOptimize(rows);  // the compiler may not fold calls on the same data
+      tile.accumulate(w, kM, rows, kColumns);
+    }
+    alignas(64) float out[kM];
+    for (int t = 0; t < kTokens; ++t) {
+      benchmark::DoNotOptimize(tile.finish(t, out));
+      benchmark::DoNotOptimize(out);
+    }
+  };
+  time_against_peak(state, 2.0 * kTokens * kColumns * (kM + 1) * kCalls,
+                    double(kCalls) * (sizeof(x) + sizeof(w)), double(kTokens) * kCalls, kernel);
+}
+#endif
+
+template <typename S>
+void BM_coefficient_grad(benchmark::State& state) {
+  using K = mhc::detail::CoefficientKernels<S, kN, mhc::MhcVariant>;
+  using R = mhc::compute_t<S>;
+  constexpr Index T = 128, C = 128;
+  mhc::RowMatrix<S> X(T * kN, C), d_X(T * kN, C);
+  mhc::RowMatrix<R> W(kN * C, kM), d_W(kN * C, kM);
+  {
+    std::vector<float> v(static_cast<size_t>(X.size()));
+    fill(v.data(), X.size(), 3, 1.f);
+    for (Index k = 0; k < X.size(); ++k) X.data()[k] = S(v[static_cast<size_t>(k)]);
+  }
+  d_X.setZero();
+  fill(W.data(), W.size(), 4, 0.05f);
+  // Workspace as Coefficients::backward lays it out: per token g (M) | da (M) | dalpha (3) |
+  // beta (1), then W and the d_W accumulators in strips from the next 64-byte boundary.
+  const Index ldg = 2 * kM + 4, Cp = K::padded_columns(C);
+  std::vector<R> ws(static_cast<size_t>(T * ldg + 2 * kM * kN * Cp + 64));
+  R* g = ws.data();
+  fill(g, T * ldg, 5, 1e-3f);
+  R* Wp = K::strip_start(g + T * ldg);
+  R* dWp = Wp + kM * kN * Cp;
+  for (Index strip = 0; strip < kN * (Cp / K::kPacket); ++strip) K::pack_strips(W, kN, C, strip, Wp);
+  const mhc::ConstBatchRef<S> Xr(X);
+  mhc::BatchRef<S> dXr(d_X);
+  mhc::BatchRef<R> dWr(d_W);
+#if defined(_OPENMP)
+  omp_set_num_threads(1);
+#endif
+  constexpr int kRepeats = 8;  // about 1 ms of kernel per iteration, like the peak next to it
+  const auto kernel = [&] {
+    for (int repeat = 0; repeat < kRepeats; ++repeat) {
+      for (int i = 0; i < kN; ++i)
+        for (Index c0 = 0; c0 < C; c0 += K::kGradBlock)
+          K::grad_block(Xr, kN, i, c0, std::min<Index>(K::kGradBlock, C - c0), Wp, dWp, g, ldg,
+                        2 * kM + 3, dXr, dWr);
+      benchmark::DoNotOptimize(d_X.data());
+      benchmark::DoNotOptimize(d_W.data());
+    }
+  };
+  time_against_peak(state, kRepeats * 4.0 * kN * C * kM * T,
+                    kRepeats * 3.0 * kN * C * T * sizeof(S), double(kRepeats) * T, kernel);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+#if defined(MHC_HAVE_AVX512_KERNELS)
+  benchmark::RegisterBenchmark("float/ProjectionTile/L1", BM_projection_tile)->UseRealTime();
+#endif
+  benchmark::RegisterBenchmark("float/CoefficientGrad/L2", BM_coefficient_grad<float>)
+      ->UseRealTime();
+  benchmark::RegisterBenchmark("bf16/CoefficientGrad/L2", BM_coefficient_grad<mhc::bf16>)
+      ->UseRealTime();
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
