@@ -12,7 +12,9 @@
 //    4 n C M T flops each.
 // Each iteration is followed (timer paused) by an FMA-peak measurement of about 1 ms
 // (mhc_bench::fma_peak_now); vs_fma_peak is the time those flops take at that peak over the
-// kernel's time. Inputs are fixed-seed uniform values; every output feeds DoNotOptimize.
+// kernel's time. Items: token rows of 64 columns (tile), tokens (grad); bytes: what the kernel
+// reads and writes in cache. Inputs are fixed-seed uniform values; every output feeds
+// DoNotOptimize. Both kernels run on the calling thread (no OpenMP inside them).
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -22,10 +24,6 @@
 #include <vector>
 
 #include "fma_peak.hpp"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace {
 
@@ -116,9 +114,6 @@ void BM_coefficient_grad(benchmark::State& state) {
   const mhc::ConstBatchRef<S> Xr(X);
   mhc::BatchRef<S> dXr(d_X);
   mhc::BatchRef<R> dWr(d_W);
-#if defined(_OPENMP)
-  omp_set_num_threads(1);
-#endif
   constexpr int kRepeats = 8;  // about 1 ms of kernel per iteration, like the peak next to it
   const auto kernel = [&] {
     for (int repeat = 0; repeat < kRepeats; ++repeat) {
