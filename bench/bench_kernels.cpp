@@ -110,7 +110,8 @@ void BM_coefficient_grad(benchmark::State& state) {
   fill(g, T * ldg, 5, 1e-3f);
   R* Wp = K::strip_start(g + T * ldg);
   R* dWp = Wp + kM * kN * Cp;
-  for (Index strip = 0; strip < kN * (Cp / K::kPacket); ++strip) K::pack_strips(W, kN, C, strip, Wp);
+  for (Index strip = 0; strip < kN * (Cp / K::kPacket); ++strip)
+    K::pack_strips(W, kN, C, strip, Wp);
   const mhc::ConstBatchRef<S> Xr(X);
   mhc::BatchRef<S> dXr(d_X);
   mhc::BatchRef<R> dWr(d_W);

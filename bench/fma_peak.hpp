@@ -80,7 +80,7 @@ inline double fma_seconds(int threads, long iters) {
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
 #else
-  (void)threads;  // max_threads() is 1 without OpenMP
+  (void)threads;  // one thread without OpenMP
 #endif
   sink += fma_chains(iters);
   benchmark::DoNotOptimize(sink);
@@ -104,7 +104,8 @@ inline double fma_peak(int threads) {
   return cache[threads] = fma_rate(threads, 1L << 25, 3);
 }
 
-/// The FMA peak next to one timed iteration (Coefficients rows): best of 2 measurements of 2^18
+/// The FMA peak next to one timed iteration (bench_operators' Coefficients rows, every
+/// bench_kernels row): best of 2 measurements of 2^18
 /// rounds (about 1 ms each on the benchmark machine). On the shared VM the FMA rate at the start
 /// of a run moved between 93 and 152 GFLOP/s on 1 thread and 152 and 302 on 2 within minutes
 /// (docs/operators.md; some of that spread was the loop's placement, see fma_chains), so a peak

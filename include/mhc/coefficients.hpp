@@ -579,11 +579,12 @@ struct CoefficientKernels {
   /// instead of 50 per 48, which bound the single loop (float, a small working set, 1 thread, on
   /// the Zen 5 machine of docs/operators.md: 0.45 -> 0.75 of the FMA peak; on the Cascade Lake VM
   /// there this grad_block runs at 0.27-0.35 of the peak even in L1 / L2 and the pass's
-  /// instruction mix alone at 0.45-0.52). The first pass loads X and d_X, starts the d_X sum from d_X_old -
-  /// beta_t v_t and leaves it (float) and X (converted for bf16) in two chunk buffers on the stack
-  /// (TC x kPacket floats each, L1); the last adds its part and writes d_X once (one bf16
-  /// rounding). d_W is summed in token order with the same FMAs as in the single loop (bit for
-  /// bit); the d_X sum's order differs (two partial sums per pass), so d_X moves in the last bits.
+  /// instruction mix alone at 0.45-0.52; bench_kernels measures it). The first pass loads X and
+  /// d_X, starts the d_X sum from d_X_old - beta_t v_t and leaves it (float) and X (converted
+  /// for bf16) in two chunk buffers on the stack (TC x kPacket floats each, L1); the last adds
+  /// its part and writes d_X once (one bf16 rounding). d_W is summed in token order with the same
+  /// FMAs as in the single loop (bit for bit); the d_X sum's order differs (two partial sums per
+  /// pass), so d_X moves in the last bits.
   /// The first pass prefetches the next line of X and of d_X into L2, not L1: the token rows of
   /// a strip lie a multiple of 4 KB apart (n C s bytes for every C in the benchmark), all in ONE L1
   /// set (8 or 12 ways), so lines prefetched one strip ahead into L1 evict each other before they
