@@ -6,15 +6,21 @@
 //    (detail/projection_avx512.hpp, 8 tokens x 24 outputs, n = 4) over 64 columns of its 8 rows
 //    of X and the 64 rows of W it reads (2 KB + 6 KB), 4096 times per iteration;
 //    2 x 8 x 64 x (24 + 1) flops per call (product and sum of squares).
+//  - {float,bf16}/CoefficientProjection/L2: the whole forward projection of Coefficients::forward
+//    (forward_tile: the tile above over every block of the tokens' rows, with its X and W
+//    prefetches, the bf16 conversion and r, z) for two tiles of tokens (16 with AVX-512) at
+//    C = 1024 (X: 256 KB float, 128 KB bf16; W: 384 KB, read once per tile), 16 times per
+//    iteration; 2 n C (M + 1) flops per token. Between the L1 tile and bench_operators' DRAM
+//    rows: what walking the blocks and streaming W from L2 cost.
 //  - {float,bf16}/CoefficientGrad/L2: the backward's fused d_X / d_W pass (grad_block, the
 //    kernel of Coefficients::backward after the per-token mapping) over all four stream rows of
 //    T = 128 tokens at C = 128 (X and d_X: 512 KB float, 256 KB bf16), 8 times per iteration;
 //    4 n C M T flops each.
 // Each iteration is followed (timer paused) by an FMA-peak measurement of about 1 ms
 // (mhc_bench::fma_peak_now); vs_fma_peak is the time those flops take at that peak over the
-// kernel's time. Items: token rows of 64 columns (tile), tokens (grad); bytes: what the kernel
-// reads and writes in cache. Inputs are fixed-seed uniform values; every output feeds
-// DoNotOptimize. Both kernels run on the calling thread (no OpenMP inside them).
+// kernel's time. Items: token rows of 64 columns (tile), tokens (projection, grad); bytes: what
+// the kernel reads and writes in cache. Inputs are fixed-seed uniform values; every output feeds
+// DoNotOptimize. The kernels run on the calling thread (no OpenMP inside them).
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -89,6 +95,40 @@ void BM_projection_tile(benchmark::State& state) {
 #endif
 
 template <typename S>
+void BM_coefficient_projection(benchmark::State& state) {
+  using K = mhc::detail::CoefficientKernels<S, kN, mhc::MhcVariant>;
+  using R = mhc::compute_t<S>;
+  constexpr int kTile = K::kTileTokens;
+  constexpr Index T = 2 * kTile, C = 1024;
+  mhc::RowMatrix<S> X(T * kN, C);
+  mhc::RowMatrix<R> W(kN * C, kM), r(T, 1), z(T, kM);
+  {
+    std::vector<float> v(static_cast<size_t>(X.size()));
+    fill(v.data(), X.size(), 6, 1.f);
+    for (Index k = 0; k < X.size(); ++k) X.data()[k] = S(v[static_cast<size_t>(k)]);
+  }
+  fill(W.data(), W.size(), 7, 0.05f);
+  const Eigen::Matrix<R, 3, 1> alpha = Eigen::Matrix<R, 3, 1>::Constant(R(0.01));
+  const Eigen::Matrix<R, -1, 1> b_gate = Eigen::Matrix<R, -1, 1>::Zero(kN);
+  const Eigen::Matrix<R, -1, 1> b_res = Eigen::Matrix<R, -1, 1>::Zero(kN * kN);
+  const mhc::CoefficientParams<R> p{W, alpha, b_gate, b_gate, b_res};
+  const mhc::ConstBatchRef<S> Xr(X);
+  mhc::BatchRef<R> rr(r), zr(z);
+  constexpr int kRepeats = 16;
+  const auto kernel = [&] {
+    for (int repeat = 0; repeat < kRepeats; ++repeat) {
+      for (Index t0 = 0; t0 < T; t0 += kTile)
+        K::template forward_tile<kTile>(Xr, p, kN, t0, rr, zr);
+      benchmark::DoNotOptimize(r.data());
+      benchmark::DoNotOptimize(z.data());
+    }
+  };
+  time_against_peak(state, kRepeats * 2.0 * kN * C * (kM + 1) * T,
+                    kRepeats * double(kN * C * T * sizeof(S) + W.size() * sizeof(R) * (T / kTile)),
+                    double(kRepeats) * T, kernel);
+}
+
+template <typename S>
 void BM_coefficient_grad(benchmark::State& state) {
   using K = mhc::detail::CoefficientKernels<S, kN, mhc::MhcVariant>;
   using R = mhc::compute_t<S>;
@@ -136,6 +176,11 @@ int main(int argc, char** argv) {
 #if defined(MHC_HAVE_AVX512_KERNELS)
   benchmark::RegisterBenchmark("float/ProjectionTile/L1", BM_projection_tile)->UseRealTime();
 #endif
+  benchmark::RegisterBenchmark("float/CoefficientProjection/L2", BM_coefficient_projection<float>)
+      ->UseRealTime();
+  benchmark::RegisterBenchmark("bf16/CoefficientProjection/L2",
+                               BM_coefficient_projection<mhc::bf16>)
+      ->UseRealTime();
   benchmark::RegisterBenchmark("float/CoefficientGrad/L2", BM_coefficient_grad<float>)
       ->UseRealTime();
   benchmark::RegisterBenchmark("bf16/CoefficientGrad/L2", BM_coefficient_grad<mhc::bf16>)
