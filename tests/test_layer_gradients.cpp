@@ -96,3 +96,34 @@ TEST_CASE("A whole layer (coefficients, pre-mix, F, update) matches finite diffe
     layer_case<mhc::Dynamic>(8, 64, 5, is_static);
   }
 }
+
+TEST_CASE("The finite-difference checker accepts exact gradients and rejects wrong ones",
+          "[layer][checker]") {
+  // L(x) = offset + sum_k c_k sin(x_k): its exact gradient passes and the same off by 1e-4 (of
+  // the largest entry, 1) fails, also under a large offset (the rounding allowance grows with
+  // |L|: 7e-6 here) and when only a subset of coordinates and random directions are probed.
+  const auto seed = fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (const double offset : {0.0, 1e3}) {
+    for (const Index size : {Index(7), Index(600)}) {
+      CAPTURE(offset, size);
+      Eigen::VectorXd x(size), c(size);
+      for (Index k = 0; k < size; ++k) x[k] = uniform(rng, -2, 2), c[k] = uniform(rng, -1, 1);
+      x[0] = 0, c[0] = 1;  // the largest gradient entry is 1
+      const auto loss = [&](const Eigen::VectorXd& v) {
+        return offset + (c.array() * v.array().sin()).sum();
+      };
+      const Eigen::VectorXd exact = (c.array() * x.array().cos()).matrix();
+      CHECK(check_gradient(loss, x, exact, rng).max_error < 1e-6);
+      // off by 1e-4: one entry where every coordinate is probed (size <= 400), else every
+      // entry, so that whichever coordinates the subset check picks show it
+      Eigen::VectorXd wrong = exact;
+      if (size <= 400)
+        wrong[size / 2] += 1e-4;
+      else
+        wrong.array() += 1e-4;
+      CHECK(check_gradient(loss, x, wrong, rng).max_error > 1e-6);
+    }
+  }
+}
