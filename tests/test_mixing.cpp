@@ -235,3 +235,50 @@ TEST_CASE("PreMix and Update reject bad arguments before writing anything", "[mi
   CHECK(dH == dH0);
   CHECK(dh == dh0);
 }
+
+TEST_CASE("Stream prefetch targets: a fixed distance along each row's walk over the tokens",
+          "[mixing][prefetch]") {
+  // The streaming kernels read row i of token 0, 1, 2, ... column block by column block. The
+  // prefetch target of (t, c0) is the element `distance` further along that walk (position
+  // t C + c0 + distance: token p / C, column p % C), none past the last token. StreamPrefetch
+  // computes it per call; TokenPrefetch resolves it once per token for several views.
+  using mhc::detail::StreamPrefetch;
+  struct Case {
+    Index T, C, pad, bytes;
+  };
+  const Case cases[] = {{5, 64, 0, 2048}, {7, 1024, 0, 2048}, {4, 100, 3, 2048},
+                        {6, 257, 1, 4096}, {3, 33, 0, 64},     {9, 4096, 16, 2048},
+                        {2, 1, 0, 2048},   {4, 512, 0, 2048}};
+  for (const Case& k : cases) {
+    constexpr int n = 3;
+    CAPTURE(k.T, k.C, k.pad, k.bytes);
+    Padded<float> X(k.T * n, k.C, k.pad), y(k.T, k.C, k.pad + 1);
+    const auto Xv = X.cview();
+    const auto yv = y.cview();
+    const StreamPrefetch<float> ahead(k.T, k.C, k.bytes);
+    const Index distance = k.bytes / Index(sizeof(float));
+    const auto expected = [&](const auto& v, Index rows, Index t, Index i, Index c0) {
+      const Index p = t * k.C + c0 + distance;
+      return p / k.C < k.T ? reinterpret_cast<std::uintptr_t>(
+                                 mhc::detail::at(v, (p / k.C) * rows + i, p % k.C))
+                           : std::uintptr_t(0);
+    };
+    int mismatches = 0;
+    for (Index t = 0; t < k.T; ++t) {
+      auto token = ahead.token<n + 1>(t);
+      token.add(yv, 1);
+      token.add(Xv, n);
+      for (Index c0 = 0; c0 < k.C; c0 += std::max<Index>(1, k.C / 37)) {
+        mismatches += reinterpret_cast<std::uintptr_t>(ahead.target(yv, 1, t, 0, c0)) !=
+                      expected(yv, 1, t, 0, c0);
+        mismatches += token.address(0, c0) != expected(yv, 1, t, 0, c0);
+        for (int i = 0; i < n; ++i) {
+          mismatches += reinterpret_cast<std::uintptr_t>(ahead.target(Xv, n, t, i, c0)) !=
+                        expected(Xv, n, t, i, c0);
+          mismatches += token.address(1 + i, c0) != expected(Xv, n, t, i, c0);
+        }
+      }
+    }
+    CHECK(mismatches == 0);
+  }
+}

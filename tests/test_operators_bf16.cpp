@@ -257,10 +257,19 @@ TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16
     const double e = (k / 32) % 4 == 0 ? uniform(rng, -150, -120) : uniform(rng, -60, 60);
     values.push_back(static_cast<float>(uniform(rng, -1, 1) * std::pow(2.0, e)));
   }
+  const auto from_bits = [](std::uint32_t b) {
+    float f;
+    std::memcpy(&f, &b, sizeof(f));
+    return f;
+  };
+  // NaNs: quiet, signalling, and payloads only in the low 16 bits (which rounding alone would
+  // carry into an infinity)
   const float specials[] = {0.f, -0.f, 1.00390625f, 1.01171875f, 3.0e38f, -3.4e38f, 1e-40f,
                             -1e-45f, std::numeric_limits<float>::infinity(),
                             std::numeric_limits<float>::quiet_NaN(),
                             -std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::signaling_NaN(), from_bits(0x7F800001u),
+                            from_bits(0xFF80FFFFu), from_bits(0x7FC00001u),
                             std::numeric_limits<float>::min()};
   for (size_t k = 0; k < sizeof(specials) / sizeof(float); ++k)
     values[(37 * k) % values.size()] = specials[k];

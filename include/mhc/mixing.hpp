@@ -461,7 +461,12 @@ struct Update {
   /// kernel ran 1.03-1.17x faster at C = 1024 and 1.16-1.21x at C = 4096; bench_operators
   /// before and after, five alternating runs at C = 1024: 0.56-0.85 -> 0.73-0.89 of memcpy on 1
   /// thread, 0.55-0.80 -> 0.69-0.81 on 2 (docs/operators.md). Row pointers are taken once per
-  /// token.
+  /// token, and so are the prefetch targets of its 2n + 1 rows (detail::TokenPrefetch; before,
+  /// each block recomputed every row's target token and column from the views). The loop keeps
+  /// 20 accumulators and 8 split rows of G in the 32 vector registers and spills; the NaN test
+  /// of the bf16 rounding is one vfpclassps, which frees two constants' registers. Paired A/B on
+  /// the Cascade Lake VM (n = 4, X of 128 MiB, vs_memcpy per call, docs/operators.md): the NaN
+  /// test 1.03-1.07x, the resolved prefetch 1.02-1.05x on top of it.
   template <typename Ahead>
   static void backward_bf16_rows(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Scalar>& y,
                                  const ConstBatchRef<Scalar>& d_X_out, BatchRef<Scalar>& d_X,
@@ -493,10 +498,12 @@ struct Update {
     };
 #endif
     const auto line = [](const bf16* p) { return _mm512_loadu_si512(p); };
+    auto fetch = ahead.template token<2 * N + 1>(t);  // y, G and X rows, resolved once
+    fetch.add(y, 1);
+    fetch.add(d_X_out, N);
+    fetch.add(X, N);
     for (Index c0 = 0; c0 < full; c0 += detail::kColumnBlock) {
-      ahead(y, 1, t, c0, detail::kColumnBlock);
-      ahead(d_X_out, N, t, c0, detail::kColumnBlock);
-      ahead(X, N, t, c0, detail::kColumnBlock);
+      fetch(c0, detail::kColumnBlock);
 #pragma GCC unroll 2
       for (int half = 0; half < 2; ++half) {
         const Index c = c0 + 32 * half;

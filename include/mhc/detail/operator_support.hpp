@@ -109,8 +109,14 @@ EIGEN_ALWAYS_INLINE __m512i bf16x16_round_in_lanes(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+#if defined(__AVX512DQ__)
+  // one vfpclassps (quiet or signalling NaN) instead of an and, a compare and their two
+  // constants, which loops short of registers need (the bf16 Update backward, mixing.hpp)
+  const __mmask16 nan = _mm512_fpclass_ps_mask(x, 0x81);
+#else
   const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
                                                _mm512_set1_epi32(0x7F800000));
+#endif
   return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x00400000));
 }
 /// 16 floats rounded to bf16 at dst, bit for bit as float_to_bf16 (nearest even, NaN quiet).
@@ -387,6 +393,9 @@ inline auto at(View&& v, Index r, Index c) {
   return v.data() + r * v.outerStride() + c;
 }
 
+template <typename Scalar, int Rows>
+struct TokenPrefetch;
+
 /// Software prefetch for the streaming kernels, which walk a token's rows block by block
 /// (columns c0, c0 + 64, ...) and then the next token's. Each row read is prefetched
 /// kStreamPrefetchBytes ahead in THAT order: past the end of a token's row the distance carries
@@ -401,6 +410,15 @@ struct StreamPrefetch {
     tokens_ahead = C > 0 ? d / C : 0;
     cols_ahead = C > 0 ? d % C : 0;
   }
+  /// The element that the kernel reads the distance after (t, c0) in row i of token t's
+  /// rows_per_token rows of v (what operator() prefetches); nullptr past the last token.
+  template <typename View>
+  EIGEN_ALWAYS_INLINE auto target(const View& v, Index rows_per_token, Index t, Index i,
+                                  Index c0) const -> decltype(at(v, 0, 0)) {
+    Index c = c0 + cols_ahead, tt = t + tokens_ahead;
+    if (c >= C) c -= C, ++tt;
+    return tt < T ? at(v, tt * rows_per_token + i, c) : nullptr;
+  }
   /// Prefetches, in each of token t's `rows_per_token` rows of v, the w elements that the kernel
   /// reads the distance after (t, c0).
   template <typename View>
@@ -413,6 +431,66 @@ struct StreamPrefetch {
       const char* p = reinterpret_cast<const char*>(at(v, tt * rows_per_token + i, c));
       for (Index b = 0; b < w * Index(sizeof(Scalar)); b += 64) prefetch<1>(p + b);
     }
+  }
+  /// The same targets in Rows rows of token t (added with TokenPrefetch::add), resolved once.
+  template <int Rows>
+  TokenPrefetch<Scalar, Rows> token(Index t) const {
+    TokenPrefetch<Scalar, Rows> p;
+    p.target_token = t + tokens_ahead;
+    p.wrap = C - cols_ahead;
+    p.first_ok = p.target_token < T;
+    p.second_ok = p.target_token + 1 < T;
+    p.first_offset = cols_ahead * Index(sizeof(Scalar));
+    p.second_offset = (cols_ahead - C) * Index(sizeof(Scalar));
+    return p;
+  }
+};
+
+/// StreamPrefetch's targets in Rows rows of ONE token (from StreamPrefetch::token, then add() per
+/// view until Rows rows are in), resolved once per token so that the per-block step of a kernel
+/// with many rows only adds its column: for c0 < wrap the distance lands in the rows of token
+/// target_token, from c0 = wrap on in those of the token after it; a token past the last is
+/// not fetched. The same addresses as StreamPrefetch::target (tests/test_mixing.cpp). Used by
+/// the bf16 Update backward (2n + 1 rows per block; see Update::backward_bf16_rows).
+template <typename Scalar, int Rows>
+struct TokenPrefetch {
+  std::uintptr_t first[Rows] = {}, second[Rows] = {};  // byte address of column 0, plus offset
+  int rows = 0;
+  Index target_token = 0, wrap = 0, first_offset = 0, second_offset = 0;
+  bool first_ok = false, second_ok = false;
+  /// Appends rows_per_token rows of v (row i of the target token, and of the one after it).
+  template <typename View>
+  void add(const View& v, Index rows_per_token) {
+    for (Index i = 0; i < rows_per_token; ++i, ++rows) {
+      eigen_assert(rows < Rows && "TokenPrefetch: more rows than Rows");
+      // integer addresses (modulo 2^64): second + c0 lies in the row for every c0 >= wrap
+      if (first_ok)
+        first[rows] =
+            reinterpret_cast<std::uintptr_t>(at(v, target_token * rows_per_token + i, 0)) +
+            std::uintptr_t(first_offset);
+      if (second_ok)
+        second[rows] =
+            reinterpret_cast<std::uintptr_t>(at(v, (target_token + 1) * rows_per_token + i, 0)) +
+            std::uintptr_t(second_offset);
+    }
+  }
+  /// Address of the element the kernel reads the distance after column c0 in row r (in the order
+  /// of add()); 0 past the last token.
+  EIGEN_ALWAYS_INLINE std::uintptr_t address(int r, Index c0) const {
+    const bool in_first = c0 < wrap;
+    if (!(in_first ? first_ok : second_ok)) return 0;
+    return (in_first ? first[r] : second[r]) + std::uintptr_t(c0 * Index(sizeof(Scalar)));
+  }
+  /// Prefetches, in all Rows rows, the w elements that the kernel reads the distance after c0.
+  EIGEN_ALWAYS_INLINE void operator()(Index c0, Index w) const {
+    eigen_assert(rows == Rows && "TokenPrefetch: rows missing");
+    const bool in_first = c0 < wrap;
+    if (!(in_first ? first_ok : second_ok)) return;
+    const std::uintptr_t* row = in_first ? first : second;
+    const std::uintptr_t offset = std::uintptr_t(c0 * Index(sizeof(Scalar)));
+    for (int r = 0; r < Rows; ++r)
+      for (Index b = 0; b < w * Index(sizeof(Scalar)); b += 64)
+        prefetch<1>(reinterpret_cast<const void*>(row[r] + offset + std::uintptr_t(b)));
   }
 };
 
