@@ -410,23 +410,28 @@ struct StreamPrefetch {
     tokens_ahead = C > 0 ? d / C : 0;
     cols_ahead = C > 0 ? d % C : 0;
   }
+  /// The token and column that the kernel reads the distance after (t, c0); false past the last
+  /// token.
+  EIGEN_ALWAYS_INLINE bool locate(Index t, Index c0, Index& tt, Index& c) const {
+    c = c0 + cols_ahead, tt = t + tokens_ahead;
+    if (c >= C) c -= C, ++tt;
+    return tt < T;
+  }
   /// The element that the kernel reads the distance after (t, c0) in row i of token t's
   /// rows_per_token rows of v (what operator() prefetches); nullptr past the last token.
   template <typename View>
   EIGEN_ALWAYS_INLINE auto target(const View& v, Index rows_per_token, Index t, Index i,
                                   Index c0) const -> decltype(at(v, 0, 0)) {
-    Index c = c0 + cols_ahead, tt = t + tokens_ahead;
-    if (c >= C) c -= C, ++tt;
-    return tt < T ? at(v, tt * rows_per_token + i, c) : nullptr;
+    Index tt, c;
+    return locate(t, c0, tt, c) ? at(v, tt * rows_per_token + i, c) : nullptr;
   }
   /// Prefetches, in each of token t's `rows_per_token` rows of v, the w elements that the kernel
   /// reads the distance after (t, c0).
   template <typename View>
   EIGEN_ALWAYS_INLINE void operator()(const View& v, Index rows_per_token, Index t, Index c0,
                                       Index w) const {
-    Index c = c0 + cols_ahead, tt = t + tokens_ahead;
-    if (c >= C) c -= C, ++tt;
-    if (tt >= T) return;
+    Index tt, c;
+    if (!locate(t, c0, tt, c)) return;
     for (Index i = 0; i < rows_per_token; ++i) {
       const char* p = reinterpret_cast<const char*>(at(v, tt * rows_per_token + i, c));
       for (Index b = 0; b < w * Index(sizeof(Scalar)); b += 64) prefetch<1>(p + b);
@@ -474,19 +479,22 @@ struct TokenPrefetch {
             std::uintptr_t(second_offset);
     }
   }
+  /// The row addresses for the block at c0 (first or second), nullptr past the last token.
+  EIGEN_ALWAYS_INLINE const std::uintptr_t* rows_for(Index c0) const {
+    const bool in_first = c0 < wrap;
+    return (in_first ? first_ok : second_ok) ? (in_first ? first : second) : nullptr;
+  }
   /// Address of the element the kernel reads the distance after column c0 in row r (in the order
   /// of add()); 0 past the last token.
   EIGEN_ALWAYS_INLINE std::uintptr_t address(int r, Index c0) const {
-    const bool in_first = c0 < wrap;
-    if (!(in_first ? first_ok : second_ok)) return 0;
-    return (in_first ? first[r] : second[r]) + std::uintptr_t(c0 * Index(sizeof(Scalar)));
+    const std::uintptr_t* row = rows_for(c0);
+    return row != nullptr ? row[r] + std::uintptr_t(c0 * Index(sizeof(Scalar))) : 0;
   }
   /// Prefetches, in all Rows rows, the w elements that the kernel reads the distance after c0.
   EIGEN_ALWAYS_INLINE void operator()(Index c0, Index w) const {
     eigen_assert(rows == Rows && "TokenPrefetch: rows missing");
-    const bool in_first = c0 < wrap;
-    if (!(in_first ? first_ok : second_ok)) return;
-    const std::uintptr_t* row = in_first ? first : second;
+    const std::uintptr_t* row = rows_for(c0);
+    if (row == nullptr) return;
     const std::uintptr_t offset = std::uintptr_t(c0 * Index(sizeof(Scalar)));
     for (int r = 0; r < Rows; ++r)
       for (Index b = 0; b < w * Index(sizeof(Scalar)); b += 64)
