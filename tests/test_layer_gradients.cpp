@@ -100,8 +100,8 @@ TEST_CASE("A whole layer (coefficients, pre-mix, F, update) matches finite diffe
 TEST_CASE("The finite-difference checker accepts exact gradients and rejects wrong ones",
           "[layer][checker]") {
   // L(x) = offset + sum_k c_k sin(x_k): its exact gradient passes and the same off by 1e-4 (of
-  // the largest entry, 1) fails, also under a large offset (the rounding allowance grows with
-  // |L|: 7e-6 here) and when only a subset of coordinates and random directions are probed.
+  // the largest entry, 1) fails, also under a large offset and when only a subset of coordinates
+  // and random directions are probed.
   const auto seed = fresh_seed();
   CAPTURE(seed);
   Rng rng(seed);
