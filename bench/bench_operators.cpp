@@ -210,7 +210,7 @@ void BM_op(benchmark::State& state) {
     }
   };
   // One untimed call first: the first touch of freshly (re)mapped buffers costs this VM about
-  // 5 us per 4 KB page outside the guest (see docs/operators.md), 0.5 s for an Update backward.
+  // 5 us per 4 KB page outside the guest (docs/performance_log.md), 0.5 s for an Update backward.
   for (int warm = 0; warm < 2; ++warm) {
     run();
     memcpy_seconds(bytes);

@@ -24,8 +24,8 @@ namespace mhc_bench {
 /// build of 09ea8dd had its jne end at such a boundary and read 190-200 GFLOP/s on 2 threads of
 /// the Cascade Lake VM where a build with the same loop 16 bytes later read 265-270 (three
 /// alternating runs of `--benchmark_filter=fma_peak`), so its peak, and the Coefficients rows'
-/// vs_fma_peak and vs_roofline, depended on the link layout (docs/operators.md). Elsewhere the
-/// C++ loop runs unrolled eight times, so its one branch comes once per 128 FMAs.
+/// vs_fma_peak and vs_roofline, depended on the link layout (docs/performance_log.md). Elsewhere
+/// the C++ loop runs unrolled eight times, so its one branch comes once per 128 FMAs.
 inline float fma_chains(long iters) {
   using Packet = Eigen::internal::packet_traits<float>::type;
   Packet acc[16];
@@ -108,8 +108,8 @@ inline double fma_peak(int threads) {
 /// bench_kernels row): best of 2 measurements of 2^18
 /// rounds (about 1 ms each on the benchmark machine). On the shared VM the FMA rate at the start
 /// of a run moved between 93 and 152 GFLOP/s on 1 thread and 152 and 302 on 2 within minutes
-/// (docs/operators.md; some of that spread was the loop's placement, see fma_chains), so a peak
-/// taken once at the start misstates what the same cores could do while the operator ran.
+/// (docs/performance_log.md; some of that spread was the loop's placement, see fma_chains), so a
+/// peak taken once at the start misstates what the same cores could do while the operator ran.
 inline double fma_peak_now(int threads) { return fma_rate(threads, 1L << 18, 2); }
 
 }  // namespace mhc_bench

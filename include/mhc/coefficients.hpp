@@ -577,8 +577,8 @@ struct CoefficientKernels {
   /// d_W accumulators stay in registers over the chunk, so per token one broadcast of g_t[m] feeds
   /// both FMAs (d_W[m] += g_t[m] v_t and the d_X sum += g_t[m] W[m]): about 29 loads per 49 FMAs
   /// instead of 50 per 48, which bound the single loop (float, a small working set, 1 thread, on
-  /// the Zen 5 machine of docs/operators.md: 0.45 -> 0.75 of the FMA peak; on the Cascade Lake VM
-  /// there this grad_block runs at 0.27-0.35 of the peak even in L1 / L2 and the pass's
+  /// the Zen 5 machine of docs/performance_log.md: 0.45 -> 0.75 of the FMA peak; on the Cascade
+  /// Lake VM there this grad_block runs at 0.27-0.35 of the peak even in L1 / L2 and the pass's
   /// instruction mix alone at 0.45-0.52; bench_kernels measures it). The first pass loads X and
   /// d_X, starts the d_X sum from d_X_old - beta_t v_t and leaves it (float) and X (converted
   /// for bf16) in two chunk buffers on the stack (TC x kPacket floats each, L1); the last adds
@@ -595,7 +595,7 @@ struct CoefficientKernels {
   /// 512 and 64 before 2026-11-30): each token's row is walked in runs of 8 KB (float), and a
   /// chunk has 16 or 32 rows of X and d_X in flight instead of 128, few enough for the hardware
   /// prefetchers to follow. bench_operators, six alternating runs on the Cascade Lake VM
-  /// (docs/operators.md): float 0.39-0.46 -> 0.48-0.58 of the roofline, bf16 0.24-0.27 ->
+  /// (docs/performance_log.md): float 0.39-0.46 -> 0.48-0.58 of the roofline, bf16 0.24-0.27 ->
   /// 0.27-0.31; float chunks of 8 with 512-column jobs gave 0.40-0.42 -> 0.45-0.47.
   /// At every benchmark C the rows cost 10-30% through this aliasing (the same bytes at C = 1088,
   /// 4112, 7184: float 1 thread 0.57-0.71 of the roofline instead of 0.52-0.60, bf16 0.56-0.78

@@ -465,8 +465,8 @@ struct Update {
   /// each block recomputed every row's target token and column from the views). The loop keeps
   /// 20 accumulators and 8 split rows of G in the 32 vector registers and spills; the NaN test
   /// of the bf16 rounding is one vfpclassps, which frees two constants' registers. Paired A/B on
-  /// the Cascade Lake VM (n = 4, X of 128 MiB, vs_memcpy per call, docs/operators.md): the NaN
-  /// test 1.03-1.07x, the resolved prefetch 1.02-1.05x on top of it.
+  /// the Cascade Lake VM (n = 4, X of 128 MiB, vs_memcpy per call, docs/performance_log.md): the
+  /// NaN test 1.03-1.07x, the resolved prefetch 1.02-1.05x on top of it.
   template <typename Ahead>
   static void backward_bf16_rows(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Scalar>& y,
                                  const ConstBatchRef<Scalar>& d_X_out, BatchRef<Scalar>& d_X,

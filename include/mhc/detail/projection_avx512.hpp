@@ -23,8 +23,8 @@
 // buffer (it has no workspace) made the whole forward slower (the pack exposes the L2 latency of
 // W). The 12 rows of the old tile also sat at the same 4 KB page offset for C a multiple of 1024
 // (rows of 4 KB multiples), i.e. in the same L1 sets (12 ways); 8 rows leave room for W.
-// Those rates are from the Zen 5 machine of docs/operators.md. On the Cascade Lake VM there the
-// same loop, every output used, runs at 0.40-0.56 (median 0.44) of the FMA peak: about two
+// Those rates are from the Zen 5 machine of docs/performance_log.md. On the Cascade Lake VM there
+// the same loop, every output used, runs at 0.40-0.56 (median 0.44) of the FMA peak: about two
 // micro-ops per FMA (12 loads and 3 permutes per 24 FMAs) is what that core sustains.
 #pragma once
 
@@ -107,7 +107,7 @@ struct ProjectionTileAvx512 {
     // bench_operators, five alternating runs of the Coefficients forward rows: geometric mean
     // of the 12 cells 59.1 -> 63.0 GFLOP/s, 10 of 12 higher; 1536 B ahead: 62.3). Results are
     // unchanged (a prefetch only). Not measured on Zen 5, where a prefetch of W's next block
-    // at each block's start had measured 0.85x (docs/operators.md).
+    // at each block's start had measured 0.85x (docs/performance_log.md).
     const auto step = [&](const float* wa, Index k, auto full) __attribute__((always_inline)) {
       constexpr bool kFull = decltype(full)::value;
       if constexpr (kFull && kWPrefetchRows > 0) {
