@@ -227,6 +227,17 @@ TEST_CASE("PreMix and Update reject bad arguments before writing anything", "[mi
   CHECK_THROWS_AS(U::backward(X, H, h, y, G, dX, dH.leftCols(3), dh, dy), mhc::invalid_argument);
   CHECK_THROWS_AS(U::backward(X, H, h, y, G, dX, dH, dh, X.topRows(T)), mhc::invalid_argument);
   CHECK_THROWS_AS(U::backward(X, H, h, y, G, X, dH, dh, dy), mhc::invalid_argument);  // d_X = X
+  // d_X or d_y over the coefficients they are computed from (H_res, h_post inside one buffer).
+  RowMat<float> coefs = RowMat<float>::Constant(T * n, C, 7.f);
+  const RowMat<float> coefs0 = coefs;
+  const auto H_in = mhc::map_batch(coefs.data() + 2, T, n * n);
+  const auto h_in = mhc::map_batch(coefs.data() + C + 1, T, n);
+  const auto dy_in = mhc::map_batch(coefs.data(), T, C);
+  CHECK_THROWS_AS(U::backward(X, H_in, h, y, G, coefs, dH, dh, dy), mhc::invalid_argument);
+  CHECK_THROWS_AS(U::backward(X, H, h_in, y, G, coefs, dH, dh, dy), mhc::invalid_argument);
+  CHECK_THROWS_AS(U::backward(X, H_in, h, y, G, dX, dH, dh, dy_in), mhc::invalid_argument);
+  CHECK_THROWS_AS(U::backward(X, H, h_in, y, G, dX, dH, dh, dy_in), mhc::invalid_argument);
+  CHECK(coefs == coefs0);
   CHECK_THROWS_AS(P::backward(X, h, y, dX, dh.topRows(1)), mhc::invalid_argument);
   CHECK_THROWS_AS(P::backward(X, h, y, X, dh), mhc::invalid_argument);  // d_X overlaps X
   CHECK_THROWS_AS(P::backward(X, h, dX.topRows(T), dX, dh), mhc::invalid_argument);

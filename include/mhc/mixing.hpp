@@ -311,8 +311,12 @@ struct Update {
     detail::check_same_or_disjoint(where, "d_X", d_X, "d_X_out", d_X_out);
     detail::check_no_overlap(where, "d_X", d_X, "X", X);
     detail::check_no_overlap(where, "d_X", d_X, "y", y);
+    detail::check_no_overlap(where, "d_X", d_X, "H_res", H_res);
+    detail::check_no_overlap(where, "d_X", d_X, "h_post", h_post);
     detail::check_no_overlap(where, "d_y", d_y, "X", X);
     detail::check_no_overlap(where, "d_y", d_y, "y", y);
+    detail::check_no_overlap(where, "d_y", d_y, "H_res", H_res);
+    detail::check_no_overlap(where, "d_y", d_y, "h_post", h_post);
     detail::check_no_overlap(where, "d_y", d_y, "d_X_out", d_X_out);
     detail::check_no_overlap(where, "d_y", d_y, "d_X", d_X);
     detail::check_no_overlap(where, "d_H_res", d_H_res, "d_h_post", d_h_post);
