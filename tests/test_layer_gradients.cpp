@@ -4,6 +4,9 @@
 // and L = <G, X'>. The chained backward (Update -> F' -> PreMix -> Coefficients, d_X accumulated
 // across the three) is checked against central finite differences of the composed forward for X,
 // W, alpha, b_pre, b_post and b_res; dynamic and static-only coefficients.
+#include <cmath>
+#include <limits>
+
 #include "support/catch.hpp"
 #include "support/ops_testing.hpp"
 
@@ -124,6 +127,18 @@ TEST_CASE("The finite-difference checker accepts exact gradients and rejects wro
       else
         wrong.array() += 1e-4;
       CHECK(check_gradient(loss, x, wrong, rng).max_error > 1e-6);
+      // a non-finite entry anywhere fails, even where the subset check would not probe it
+      for (const double bad : {std::numeric_limits<double>::quiet_NaN(),
+                               std::numeric_limits<double>::infinity()}) {
+        Eigen::VectorXd broken = exact;
+        broken[size - 1] = bad;
+        CHECK(check_gradient(loss, x, broken, rng).max_error > 1e-6);
+      }
     }
   }
+  // an exact gradient of a loss that is NaN near x fails too
+  Eigen::VectorXd x = Eigen::VectorXd::Constant(3, 0.5);
+  const auto nan_loss = [](const Eigen::VectorXd& v) { return std::sqrt(0.5 - v[0]) + v[1]; };
+  const Eigen::VectorXd grad = (Eigen::VectorXd(3) << -1e6, 1, 0).finished();
+  CHECK(check_gradient(nan_loss, x, grad, rng).max_error > 1e-6);
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <random>
 #include <string>
 
@@ -55,9 +56,20 @@ inline GradCheck check_gradient(const std::function<double(const Eigen::VectorXd
                                 int directions = 4) {
   REQUIRE(grad.size() == x.size());
   GradCheck result;
-  const double scale = std::max(1e-3, grad.cwiseAbs().maxCoeff());
+  // A non-finite analytic gradient fails outright (an infinite max_error): it would make `scale`
+  // infinite (every other error 0), and a NaN error compares false against any threshold.
+  for (Eigen::Index k = 0; k < grad.size(); ++k) {
+    if (!std::isfinite(grad[k])) {
+      result.max_error = std::numeric_limits<double>::infinity();
+      result.worst = k;
+      result.analytic = grad[k];
+      return result;
+    }
+  }
+  const double scale = std::max(1e-3, grad.size() > 0 ? grad.cwiseAbs().maxCoeff() : 0.0);
   auto record = [&](double analytic, double numeric, Eigen::Index where) {
-    const double err = std::abs(analytic - numeric) / (scale + std::abs(numeric));
+    double err = std::abs(analytic - numeric) / (scale + std::abs(numeric));
+    if (!std::isfinite(err)) err = std::numeric_limits<double>::infinity();  // e.g. a NaN loss
     if (err > result.max_error || result.worst < 0) {
       if (err >= result.max_error) {
         result.max_error = err;
