@@ -3,6 +3,8 @@
 // exactly x + F(x), the default initialisation, parameter views, and bad input.
 #include <Eigen/Core>
 #include <cmath>
+#include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -147,6 +149,15 @@ TEST_CASE("mHC-lite block gradients match central differences", "[block][gradien
     check_block_gradient<mhc::MhcLiteVariant, 4>(4, mode, 2, 3);
     check_block_gradient<mhc::MhcLiteVariant, mhc::Dynamic>(3, mode, 3, 4);
   }
+}
+
+TEST_CASE("block gradients on the operators' size grid: n = 8, C = 64 and 257, T = 1 and 33",
+          "[block][gradient]") {
+  check_block_gradient<mhc::MhcVariant, mhc::Dynamic>(8, MemoryMode::cache, 2, 3);
+  check_block_gradient<mhc::MhcVariant, 4>(4, MemoryMode::recompute, 1, 64);
+  check_block_gradient<mhc::MhcVariant, mhc::Dynamic>(2, MemoryMode::cache, 1, 257);
+  check_block_gradient<mhc::MhcVariant, 4>(4, MemoryMode::cache, 33, 3);
+  check_block_gradient<mhc::HcVariant, mhc::Dynamic>(8, MemoryMode::recompute, 5, 1);
 }
 
 TEST_CASE("static-only blocks: gradients match central differences", "[block][gradient]") {
@@ -443,6 +454,92 @@ TEST_CASE("the block rejects bad input before writing", "[block][errors]") {
   // A shared workspace of the wrong shape.
   B::Workspace ws(T, 4, C + 2);
   CHECK_THROWS_AS(B::Context(block, T, MemoryMode::cache, &ws), mhc::invalid_argument);
+  // Null buffers and row strides smaller than C, forward and backward.
+  const auto null_in = mhc::map_batch(static_cast<const double*>(nullptr), T * 4, C);
+  const auto null_out = mhc::map_batch(static_cast<double*>(nullptr), T * 4, C);
+  CHECK_THROWS_AS(block.forward(null_in, layer, out, ctx), mhc::invalid_argument);
+  CHECK_THROWS_AS(block.forward(X, layer, null_out, ctx), mhc::invalid_argument);
+  CHECK_THROWS_AS(block.backward(ctx, null_in, layer, dX, g), mhc::invalid_argument);
+  CHECK_THROWS_AS(block.backward(ctx, X, layer, null_out, g), mhc::invalid_argument);
+  CHECK_THROWS_AS(block.forward(mhc::map_batch(X.data(), T * 4, C, C - 1), layer, out, ctx),
+                  mhc::invalid_argument);
+  CHECK_THROWS_AS(block.backward(ctx, X, layer, mhc::map_batch(dX.data(), T * 4, C, C - 1), g),
+                  mhc::invalid_argument);
+  CHECK((dX.array() == -7).all());
+  CHECK((g.array() == 0).all());
+  CHECK(layer.forward_calls == 1);
+  CHECK(layer.backward_calls == 0);
+}
+
+TEST_CASE("non-finite parameters throw before a block writes anything", "[block][errors]") {
+  const auto seed = mhc_test::fresh_seed();
+  CAPTURE(seed);
+  mhc_test::Rng rng(seed);
+  const Index T = 2, C = 3;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  RM X(T * 4, C), out(T * 4, C), dX(T * 4, C);
+  mhc_test::fill_uniform(X, rng);
+  Layer layer(C, rng);
+  using B = mhc::MhcBlock<double>;
+  B block(C);
+  B::Context ctx(block, T, MemoryMode::cache);
+  block.forward(X, layer, out, ctx);  // a good forward first
+  const RM out0 = out, ctx_X0 = ctx.X;
+  block.params().b_res()[6] = nan;  // H_res logit (1, 2); e.g. a diverged optimiser step
+  CHECK_THROWS_AS(block.forward(2 * X, layer, out, ctx), mhc::invalid_argument);
+  CHECK(out == out0);
+  CHECK(ctx.X == ctx_X0);
+  dX.setConstant(-7);
+  Eigen::VectorXd g = Eigen::VectorXd::Zero(block.parameter_count());
+  CHECK_THROWS_AS(block.backward(ctx, X, layer, dX, g), mhc::invalid_argument);
+  CHECK((dX.array() == -7).all());
+  CHECK((g.array() == 0).all());
+  CHECK(layer.forward_calls == 1);
+
+  // A layer that throws leaves the context without a forward (backward then refuses it).
+  struct Throwing {
+    void forward(const mhc::ConstBatchRef<double>&, mhc::BatchRef<double>) {
+      throw std::runtime_error("layer failed");
+    }
+    void backward(const mhc::ConstBatchRef<double>&, mhc::BatchRef<double>) {}
+  } throwing;
+  B fine(C);
+  B::Context fine_ctx(fine, T, MemoryMode::cache);
+  fine.forward(X, layer, out, fine_ctx);
+  CHECK_THROWS_AS(fine.forward(X, throwing, out, fine_ctx), std::runtime_error);
+  CHECK_THROWS_AS(fine.backward(fine_ctx, X, layer, dX, g), mhc::invalid_argument);
+}
+
+TEST_CASE("block contexts, workspaces and initialisers reject bad values", "[block][errors]") {
+  using B = mhc::MhcBlock<double>;
+  using BX = mhc::MhcBlock<double, mhc::Dynamic>;
+  CHECK_THROWS_AS(B::Workspace(2, 4, -8), mhc::invalid_argument);
+  CHECK_THROWS_AS(B::Workspace(2, 0, 8), mhc::invalid_argument);
+  CHECK_THROWS_AS(B::Workspace(-1, 4, 8), mhc::invalid_argument);
+  BX::Context ctx;
+  CHECK_THROWS_AS(ctx.resize(4, -8, 2, MemoryMode::cache), mhc::invalid_argument);
+  CHECK_THROWS_AS(ctx.resize(17, 8, 2, MemoryMode::recompute), mhc::invalid_argument);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  mhc::BlockInit init;
+  init.alpha = nan;
+  CHECK_THROWS_AS(B(5, 4, init), mhc::invalid_argument);
+  init = {};
+  init.pre_stream = -1;
+  CHECK_THROWS_AS(B(5, 4, init), mhc::invalid_argument);
+  init = {};
+  init.projection_std = -0.1;
+  CHECK_THROWS_AS(B(5, 4, init), mhc::invalid_argument);
+  init = {};
+  init.lite_identity_weight = 1.0;  // b_res would be +inf
+  CHECK_THROWS_AS(mhc::MhcLiteBlock<double>(5, 4, init), mhc::invalid_argument);
+  CHECK_NOTHROW(B(5, 4, init));  // not used by mHC
+  // reset_parameters writes nothing when it throws
+  B block(5);
+  const Eigen::VectorXd before = block.parameters();
+  init = {};
+  init.res_logit_gap = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_AS(block.reset_parameters(init), mhc::invalid_argument);
+  CHECK(block.parameters() == before);
 }
 
 TEST_CASE("bf16 blocks agree with float blocks to bf16 precision", "[block]") {

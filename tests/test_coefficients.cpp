@@ -444,5 +444,24 @@ TEST_CASE("Coefficients reject bad arguments before writing anything", "[coeffic
                   mhc::invalid_argument);  // d_b_pre and d_b_post are one buffer
   CHECK_THROWS_AS(Op::backward(X, p, r.topRows(2), z, G, G, GH, dX, {dW, da, dbp, dbq, dbr}, ws),
                   mhc::invalid_argument);
+  // Misaligned vectors (a parameter, a gradient, the workspace): float data at an odd address.
+  alignas(4) unsigned char raw[4 * 64 + 1] = {};
+  float* odd = reinterpret_cast<float*>(raw + 1);
+  const RowMat<float> hp1 = hp, hq1 = hq, H1 = H, r1 = r, z1 = z;  // the forward just above
+  {
+    const Eigen::Map<Eigen::VectorXf> odd_b(odd, n);
+    mhc::CoefficientParams<float> q{pv.W, pd.alpha.cast<float>(), odd_b, pv.b_post, pv.b_res};
+    CHECK_THROWS_AS(Op::forward(X, q, hp, hq, H, r, z), mhc::invalid_argument);
+    CHECK_THROWS_AS(Op::check_parameters(q), mhc::invalid_argument);
+    Eigen::Map<Eigen::VectorXf> odd_db(odd, n);
+    CHECK_THROWS_AS(Op::backward(X, p, r, z, G, G, GH, dX, {dW, da, odd_db, dbq, dbr}, ws),
+                    mhc::invalid_argument);
+    Eigen::VectorXf big_ws(ws.size() + 1);
+    Eigen::Map<Eigen::VectorXf> odd_ws(
+        reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(big_ws.data()) + 1), ws.size());
+    CHECK_THROWS_AS(Op::backward(X, p, r, z, G, G, GH, dX, {dW, da, dbp, dbq, dbr}, odd_ws),
+                    mhc::invalid_argument);
+  }
   CHECK(bw_untouched());
+  CHECK((hp == hp1 && hq == hq1 && H == H1 && r == r1 && z == z1));
 }

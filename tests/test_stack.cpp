@@ -3,6 +3,7 @@
 // the paper's segment length, the gain probe, and bad input.
 #include <Eigen/Core>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "mhc/stack.hpp"
@@ -250,4 +251,40 @@ TEST_CASE("the stack rejects bad input", "[stack][errors]") {
   CHECK_THROWS_AS(stack.backward(X, layers, out, short_g), mhc::invalid_argument);
   CHECK_THROWS_AS(stack.backward(X, layers, wrong, g), mhc::invalid_argument);
   CHECK((g.array() == 0).all());
+}
+
+TEST_CASE("non-finite parameters or grads over the parameters: the stack writes nothing",
+          "[stack][errors]") {
+  const auto seed = mhc_test::fresh_seed();
+  CAPTURE(seed);
+  mhc_test::Rng rng(seed);
+  const Index T = 2, C = 3;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  RM X(T * 4, C), out(T * 4, C), dX(T * 4, C);
+  mhc_test::fill_uniform(X, rng);
+  // block 2 of 3 bad (a diverged optimiser step): forward and backward write nothing
+  mhc::Stack<double> stack(3, C);
+  std::vector<Layer> layers;
+  for (int l = 0; l < 3; ++l) layers.emplace_back(C, rng);
+  stack.reserve(T, mhc::StackMemory::cache_all);
+  mhc::CompositeGain gain(T, 4);
+  stack.forward(X, layers, out, &gain);
+  stack.block(2).params().alpha()[0] = nan;
+  out.setConstant(-7);
+  const Index gain_layers = gain.layers();
+  const auto gain_product = gain.product();
+  CHECK_THROWS_AS(stack.forward(X, layers, out, &gain), mhc::invalid_argument);
+  CHECK((out.array() == -7).all());
+  CHECK(gain.layers() == gain_layers);
+  CHECK(gain.product() == gain_product);
+  Eigen::VectorXd sg = Eigen::VectorXd::Zero(stack.parameter_count());
+  dX.setConstant(-7);
+  CHECK_THROWS_AS(stack.backward(X, layers, dX, sg), mhc::invalid_argument);
+  CHECK((dX.array() == -7).all());
+  CHECK((sg.array() == 0).all());
+  // grads over the parameters: rejected before d_X is written
+  stack.block(2).params().alpha()[0] = 0.01;
+  stack.forward(X, layers, out);
+  CHECK_THROWS_AS(stack.backward(X, layers, dX, stack.parameters()), mhc::invalid_argument);
+  CHECK((dX.array() == -7).all());
 }

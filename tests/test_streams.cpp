@@ -114,6 +114,34 @@ TEST_CASE("streams reject bad input before writing", "[streams][errors]") {
   CHECK_THROWS_AS(St::expand(X.topRows(2), X), mhc::invalid_argument);
   CHECK_THROWS_AS(St::collapse(X, w, X.topRows(2)), mhc::invalid_argument);
   CHECK_THROWS_AS(St::collapse_backward(X, w, x, X, dw), mhc::invalid_argument);
+  // Null or misaligned weights; d_w or an output over the weights or another argument.
+  using Vec = Eigen::VectorXd;
+  const Eigen::Map<const Vec> null_w(static_cast<const double*>(nullptr), 4);
+  CHECK_THROWS_AS(St::collapse(X, null_w, out), mhc::invalid_argument);
+  CHECK_THROWS_AS(St::collapse_backward(X, null_w, x, dX, dw), mhc::invalid_argument);
+  Eigen::Map<Vec> null_dw(static_cast<double*>(nullptr), 4);
+  CHECK_THROWS_AS(St::collapse_backward(X, w, x, dX, null_dw), mhc::invalid_argument);
+  alignas(8) unsigned char raw[8 * 5 + 1] = {};
+  const Eigen::Map<const Vec> odd_w(reinterpret_cast<const double*>(raw + 1), 4);
+  CHECK_THROWS_AS(St::collapse(X, odd_w, out), mhc::invalid_argument);
+  RM wd(2, 3);  // w in the first 4 values of a (2, 3) buffer
+  wd.setConstant(0.25);
+  const Eigen::Map<const Vec> w_in_out(wd.data(), 4);
+  CHECK_THROWS_AS(St::collapse(X, w_in_out, wd), mhc::invalid_argument);  // out over w
+  RM dX_big = RM::Constant(8, 3, -7);
+  Eigen::Map<Vec> dw_in_dX(dX_big.data() + 3, 4);
+  CHECK_THROWS_AS(St::collapse_backward(X, w, x, dX_big, dw_in_dX), mhc::invalid_argument);
+  Eigen::Map<Vec> dw_in_X(X.data(), 4);
+  CHECK_THROWS_AS(St::collapse_backward(X, w, x, dX, dw_in_X), mhc::invalid_argument);
+  Eigen::Map<Vec> dw_in_dout(out.data(), 4);
+  CHECK_THROWS_AS(St::collapse_backward(X, w, out, dX, dw_in_dout), mhc::invalid_argument);
+  Eigen::Map<Vec> dw_is_w(w.data(), 4);
+  CHECK_THROWS_AS(St::collapse_backward(X, w, x, dX, dw_is_w), mhc::invalid_argument);
+  const Eigen::Map<const Vec> w_in_dX(dX.data() + 2, 4);
+  CHECK_THROWS_AS(St::collapse_backward(X, w_in_dX, x, dX, dw), mhc::invalid_argument);
+  CHECK((dX_big.array() == -7).all());
+  CHECK((wd.array() == 0.25).all());
+  CHECK((w.array() == 0.25).all());
   try {
     St::expand(x, wrong);
   } catch (const mhc::invalid_argument& e) {

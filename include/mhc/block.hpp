@@ -147,6 +147,7 @@ class BlockWorkspace {
   /// coefficients: the latter keep one coefficient row). The sizes do not depend on
   /// `iterations` (the Coefficients operator keeps its per-token scratch on the stack).
   void resize(Index tokens, int n, Index C, int iterations = 20, bool dynamic = true) {
+    detail::check_block_shape("BlockWorkspace", tokens, n, C);
     const BlockLayout l = BlockLayout::of<Variant>(n, C, dynamic);
     const Index rows = dynamic ? tokens : 1;
     T_ = tokens;
@@ -216,7 +217,7 @@ class BlockContext {
   /// Allocates for T tokens of n streams, width C (and the block's iterations and dynamic flag).
   void resize(int n, Index C, Index tokens, MemoryMode mode, int iterations = 20,
               Workspace* shared = nullptr, bool dynamic = true) {
-    if (tokens < 0) detail::throw_invalid("BlockContext", "tokens = ", tokens, " < 0");
+    detail::check_block_shape("BlockContext", tokens, n, C);
     mode_ = mode;
     T_ = tokens;
     n_ = n;
@@ -346,9 +347,12 @@ class Block {
     return *this;
   }
 
-  /// Writes the defaults of `init` into the parameters (see variants.hpp).
+  /// Writes the defaults of `init` into the parameters (see variants.hpp). Throws
+  /// mhc::invalid_argument, writing nothing, if `init` has a non-finite value, a negative
+  /// projection_std or pre_stream, or (mHC-lite) lite_identity_weight outside (0, 1).
   void reset_parameters(const BlockInit& init) {
     if constexpr (Variant::kHasCoefficients) {
+    check_init(init);
     BlockParamView<Real> p = params();
     if (init.projection_std > 0) {
       std::mt19937_64 rng(init.seed);
@@ -380,9 +384,20 @@ class Block {
     return {grads.data(), layout_};
   }
 
+  /// Throws mhc::invalid_argument (naming `where`) if the parameters are not what forward and
+  /// backward accept: non-finite alpha or biases (e.g. after a diverged optimiser step). No-op
+  /// for the residual variant. W is not scanned (T-independent but n*C*M values).
+  void check_parameters(const char* where = "Block::check_parameters") const {
+    if constexpr (Variant::kHasCoefficients)
+      Coefficients<Scalar, N, Variant>::check_parameters(coefficient_params(), where);
+    else
+      (void)where;
+  }
+
   /// Forward: X (T*n, C) -> X_out (T*n, C), calling layer.forward once. The context (made for
   /// this block's shape and T tokens) records what backward needs. X_out may be X itself; it must
-  /// not otherwise overlap X.
+  /// not otherwise overlap X. Bad arguments or parameters throw before X_out or the context is
+  /// written; if the layer throws, the context holds no forward (backward then throws).
   template <typename Layer>
   void forward(const ConstBatchRef<Scalar>& X, Layer& layer, BatchRef<Scalar> X_out,
                Context& ctx) const {
@@ -392,6 +407,8 @@ class Block {
                   "mhc::BatchRef<S> d_u) for the block's storage type S (see block.hpp)");
     constexpr const char* where = "Block::forward";
     check_io(where, X, X_out, ctx);
+    check_parameters(where);
+    ctx.has_forward_ = false;  // until this forward completes
     ctx.X = X;
     Workspace& ws = *ctx.ws_;
     const bool cache = ctx.mode_ == MemoryMode::cache;
@@ -431,6 +448,7 @@ class Block {
     detail::check_batch(where, "d_X", d_X, T * n, C);
     detail::check_same_or_disjoint(where, "d_X", d_X, "d_X_out", d_X_out);
     check_grads(where, grads);
+    check_parameters(where);
     Workspace& ws = *ctx.ws_;
     const bool cache = ctx.mode_ == MemoryMode::cache;
     if constexpr (!Variant::kHasCoefficients) {
@@ -474,6 +492,25 @@ class Block {
       detail::throw_invalid(where, "eps = ", options.eps, " must be positive and finite");
     layout_ = BlockLayout::of<Variant>(n, C, options.dynamic);
     options_ = options;
+  }
+
+  static void check_init(const BlockInit& init) {
+    constexpr const char* where = "Block::reset_parameters";
+    const std::pair<const char*, double> values[] = {
+        {"alpha", init.alpha},           {"res_logit_gap", init.res_logit_gap},
+        {"pre_logit", init.pre_logit},   {"post_logit", init.post_logit},
+        {"projection_std", init.projection_std}};
+    for (const auto& v : values)
+      if (!std::isfinite(v.second)) detail::throw_invalid(where, "init.", v.first, " = ", v.second,
+                                                          " is not finite");
+    if (init.projection_std < 0)
+      detail::throw_invalid(where, "init.projection_std = ", init.projection_std, " < 0");
+    if (init.pre_stream < 0)
+      detail::throw_invalid(where, "init.pre_stream = ", init.pre_stream, " < 0");
+    if (std::is_same<Variant, MhcLiteVariant>::value &&
+        !(init.lite_identity_weight > 0 && init.lite_identity_weight < 1))
+      detail::throw_invalid(where, "init.lite_identity_weight = ", init.lite_identity_weight,
+                            " is not in (0, 1)");
   }
 
   void check_context(const char* where, const Context& ctx) const {

@@ -810,6 +810,15 @@ struct Coefficients {
   /// Number of residual logits per token, R = size of b_res (n^2, or n! for mHC-lite).
   static constexpr Index res_size(int n) { return Mapping::res_count(n); }
 
+  /// Validates p as forward and backward do first (b_pre, b_post, b_res sizes and buffers, n in
+  /// range, iterations, eps, finite alpha and biases, W's columns and buffer): throws
+  /// mhc::invalid_argument naming `where`; returns n. W's rows are checked against X by the
+  /// operators themselves.
+  static int check_parameters(const Params& p,
+                              const char* where = "Coefficients::check_parameters") {
+    return check_params(where, p);
+  }
+
   /// Real values the backward needs in `workspace` for T tokens of n x C (0 when static_only).
   static Index workspace_size(Index T, int n, Index C, bool static_only = false) {
     if (static_only) return 0;
@@ -876,6 +885,8 @@ struct Coefficients {
     if (workspace.size() < ws)
       detail::throw_invalid(where, "workspace has ", workspace.size(), " values, needs ", ws);
     if (ws > 0 && workspace.data() == nullptr) detail::throw_invalid(where, "workspace is null");
+    if (ws > 0 && reinterpret_cast<std::uintptr_t>(workspace.data()) % alignof(Real) != 0)
+      detail::throw_invalid(where, "workspace is not aligned to ", alignof(Real), " bytes");
     // Every writable view must be disjoint from every other view.
     {
       using detail::byte_range;

@@ -139,6 +139,8 @@ class Stack {
   /// of them). X_out may be X itself. Optional diagnostics: `gain` (resized for T tokens and n)
   /// gets each block's H_res multiplied into it; `ds_error` (L entries) gets each block's doubly
   /// stochastic error (both untouched by the residual variant, whose H_res is the identity).
+  /// Bad arguments, and any block's bad parameters, throw before X_out or the diagnostics are
+  /// written (a layer that throws leaves them partly updated).
   template <typename Layers>
   void forward(const ConstBatchRef<Scalar>& X, Layers& layers, BatchRef<Scalar> X_out,
                CompositeGain* gain = nullptr, DoublyStochasticError* ds_error = nullptr) {
@@ -151,6 +153,7 @@ class Stack {
     if (gain && (gain->streams() != streams() || gain->product().rows() != T_))
       detail::throw_invalid(where, "gain is for (T, n) = (", gain->product().rows(), ", ",
                             gain->streams(), "), expected (", T_, ", ", streams(), ")");
+    for (const BlockType& block : blocks_) block.check_parameters(where);
     if (X_out.data() != X.data()) X_out = X;
     const int L = layers_count();
     for (int l = 0; l < L; ++l) {
@@ -171,7 +174,9 @@ class Stack {
   }
 
   /// Backward of the last forward: d_X_out (T*n, C) -> d_X (T*n, C) (may be d_X_out itself);
-  /// every block's parameter gradients are ADDED to grads (parameter_count() values).
+  /// every block's parameter gradients are ADDED to grads (parameter_count() values, not
+  /// overlapping the parameters). Bad arguments and parameters throw before d_X or grads are
+  /// written.
   template <typename Layers>
   void backward(const ConstBatchRef<Scalar>& d_X_out, Layers& layers, BatchRef<Scalar> d_X,
                 Eigen::Ref<Vector> grads) {
@@ -184,6 +189,10 @@ class Stack {
     detail::check_same_or_disjoint(where, "d_X", d_X, "d_X_out", d_X_out);
     if (grads.size() != parameter_count())
       detail::throw_invalid(where, "grads has ", grads.size(), " values, expected ", parameter_count());
+    if (grads.size() > 0 && grads.data() == nullptr) detail::throw_invalid(where, "grads is null");
+    detail::check_no_overlap(where, "grads", detail::vector_bytes(grads), "the parameters",
+                             detail::vector_bytes(params_));
+    for (const BlockType& block : blocks_) block.check_parameters(where);
     if (d_X.data() != d_X_out.data()) d_X = d_X_out;
     const int L = layers_count();
     const Index P = block_parameter_count();

@@ -59,7 +59,7 @@ struct Streams {
       }
   }
 
-  /// out (T, C) = sum_i w[i] X[., i, .]; X (T*n, C), w (n).
+  /// out (T, C) = sum_i w[i] X[., i, .]; X (T*n, C), w (n). out must not overlap X or w.
   static void collapse(const ConstBatchRef<Scalar>& X, const Eigen::Ref<const Weights>& w,
                        BatchRef<Scalar> out, int n = N) {
     const char* where = "Streams::collapse";
@@ -69,6 +69,7 @@ struct Streams {
     detail::check_batch(where, "X", X, T * n, C);
     detail::check_batch(where, "out", out, T, C);
     detail::check_no_overlap(where, "out", out, "X", X);
+    detail::check_no_overlap(where, "out", out, "w", detail::vector_bytes(w));
     for (Index t = 0; t < T; ++t)
       for (Index c = 0; c < C; ++c) {
         Compute s = 0;
@@ -78,6 +79,7 @@ struct Streams {
   }
 
   /// d_X (T*n, C) = w[i] d_out (overwrites); d_w (n) += sum_{t,c} X[t][i][c] d_out[t][c].
+  /// d_X and d_w must not overlap each other or any input.
   static void collapse_backward(const ConstBatchRef<Scalar>& X, const Eigen::Ref<const Weights>& w,
                                 const ConstBatchRef<Scalar>& d_out, BatchRef<Scalar> d_X,
                                 Eigen::Ref<Weights> d_w, int n = N) {
@@ -85,12 +87,18 @@ struct Streams {
     detail::check_static_streams<N>(where, n);
     const Index T = d_out.rows(), C = d_out.cols();
     check_weights(where, w, n);
-    if (d_w.size() != n) detail::throw_invalid(where, "d_w has ", d_w.size(), " entries, expected n = ", n);
+    detail::check_vector(where, "d_w", d_w, n);
     detail::check_batch(where, "X", X, T * n, C);
     detail::check_batch(where, "d_out", d_out, T, C);
     detail::check_batch(where, "d_X", d_X, T * n, C);
     detail::check_no_overlap(where, "d_X", d_X, "X", X);
     detail::check_no_overlap(where, "d_X", d_X, "d_out", d_out);
+    detail::check_no_overlap(where, "d_X", d_X, "w", detail::vector_bytes(w));
+    const auto dw = detail::vector_bytes(d_w);
+    detail::check_no_overlap(where, "d_w", dw, "X", X);
+    detail::check_no_overlap(where, "d_w", dw, "d_out", d_out);
+    detail::check_no_overlap(where, "d_w", dw, "d_X", d_X);
+    detail::check_no_overlap(where, "d_w", dw, "w", detail::vector_bytes(w));
     Compute acc[kMaxStreams] = {};
     for (Index t = 0; t < T; ++t)
       for (int i = 0; i < n; ++i) {
@@ -107,7 +115,7 @@ struct Streams {
 
  private:
   static void check_weights(const char* where, const Eigen::Ref<const Weights>& w, int n) {
-    if (w.size() != n) detail::throw_invalid(where, "w has ", w.size(), " entries, expected n = ", n);
+    detail::check_vector(where, "w", w, n);
   }
 };
 

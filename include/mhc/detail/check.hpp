@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "mhc/config.hpp"
 #include "mhc/types.hpp"
@@ -22,6 +23,13 @@ inline void check_static_streams(const char* where, int n) {
   check_streams(where, n);
   if (N != Dynamic && n != N)
     throw_invalid(where, "n = ", n, " does not match the compile-time N = ", N);
+}
+
+/// A block's buffers: tokens >= 0, 1 <= n <= kMaxStreams, C >= 1.
+inline void check_block_shape(const char* where, Index tokens, int n, Index C) {
+  if (tokens < 0) throw_invalid(where, "tokens = ", tokens, " < 0");
+  check_streams(where, n);
+  if (C < 1) throw_invalid(where, "C = ", C, " must be positive");
 }
 
 /// `view` must be rows x cols, non-null when non-empty, aligned for its scalar, rows not
@@ -77,6 +85,32 @@ inline void check_same_or_disjoint(const char* where, const char* out_name, cons
   if (!identical && overlaps(out, in))
     throw_invalid(where, out_name, " partially overlaps ", in_name,
                   "; it must be the same buffer (same stride) or disjoint");
+}
+
+/// A contiguous vector of `size` elements, non-null and aligned for its scalar when non-empty.
+template <typename View>
+inline void check_vector(const char* where, const char* name, const View& v, Index size) {
+  using Scalar = std::remove_const_t<std::remove_pointer_t<decltype(v.data())>>;
+  if (v.size() != size) throw_invalid(where, name, " has ", v.size(), " elements, expected ", size);
+  if (size == 0) return;
+  if (v.data() == nullptr) throw_invalid(where, name, " is null but has ", size, " elements");
+  if (reinterpret_cast<std::uintptr_t>(v.data()) % alignof(Scalar) != 0)
+    throw_invalid(where, name, " is not aligned to ", alignof(Scalar), " bytes");
+}
+
+/// Byte range of a contiguous vector view, for the overlap checks.
+template <typename Vec>
+struct VectorBytes {
+  using Scalar = typename Vec::Scalar;
+  const Vec& v;
+  const Scalar* data() const { return v.data(); }
+  Index rows() const { return v.size(); }
+  Index cols() const { return 1; }
+  Index outerStride() const { return 1; }
+};
+template <typename Vec>
+inline VectorBytes<Vec> vector_bytes(const Vec& v) {
+  return {v};
 }
 
 template <typename View>

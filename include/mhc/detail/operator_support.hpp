@@ -539,28 +539,5 @@ inline void check_coefficients(const char* where, const char* name, const View& 
   check_batch(where, name, v, rows, cols);
 }
 
-/// A contiguous vector of `size` elements, non-null when non-empty.
-template <typename View>
-inline void check_vector(const char* where, const char* name, const View& v, Index size) {
-  if (v.size() != size) throw_invalid(where, name, " has ", v.size(), " elements, expected ", size);
-  if (size > 0 && v.data() == nullptr)
-    throw_invalid(where, name, " is null but has ", size, " elements");
-}
-
-/// Byte range of a contiguous vector view, for the overlap checks.
-template <typename Vec>
-struct VectorBytes {
-  using Scalar = typename Vec::Scalar;
-  const Vec& v;
-  const Scalar* data() const { return v.data(); }
-  Index rows() const { return v.size(); }
-  Index cols() const { return 1; }
-  Index outerStride() const { return 1; }
-};
-template <typename Vec>
-inline VectorBytes<Vec> vector_bytes(const Vec& v) {
-  return {v};
-}
-
 }  // namespace detail
 }  // namespace mhc
