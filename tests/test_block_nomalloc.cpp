@@ -1,16 +1,7 @@
 // The block's forward and backward allocate nothing once its context exists
 // (EIGEN_RUNTIME_NO_MALLOC turns any Eigen heap allocation into an assertion failure).
-#define EIGEN_RUNTIME_NO_MALLOC
-// Keep Eigen's assertions (and so the malloc check) active in Release builds too.
-#include <cstdio>
-#include <cstdlib>
-#define eigen_assert(x)                                                 \
-  do {                                                                  \
-    if (!(x)) {                                                         \
-      std::fprintf(stderr, "Eigen assertion failed: %s\n", #x);         \
-      std::abort();                                                     \
-    }                                                                   \
-  } while (0)
+#include "support/eigen_assert_counter.hpp"  // first: counts Eigen's malloc check
+
 #include <Eigen/Core>
 
 #include "mhc/block.hpp"
@@ -53,12 +44,14 @@ void run_without_malloc(int n, bool dynamic = true) {
   Eigen::Matrix<S, Eigen::Dynamic, 1> grads = Eigen::Matrix<S, Eigen::Dynamic, 1>::Zero(block.parameter_count());
   for (mhc::MemoryMode mode : {mhc::MemoryMode::cache, mhc::MemoryMode::recompute}) {
     typename Block::Context ctx(block, T, mode);
+    const int asserts_before = mhc_test::g_eigen_assert_failures;
     Eigen::internal::set_is_malloc_allowed(false);
     block.forward(X, layer, out, ctx);
     block.backward(ctx, G, layer, dX, grads);
     block.forward(out, layer, out, ctx);  // in place
     block.backward(ctx, dX, layer, dX, grads);
     Eigen::internal::set_is_malloc_allowed(true);
+    CHECK(mhc_test::g_eigen_assert_failures == asserts_before);
     CHECK(out.allFinite());
     CHECK(dX.allFinite());
   }

@@ -1,5 +1,5 @@
 // Tests of the batched Sinkhorn-Knopp projection (include/mhc/sinkhorn.hpp).
-#define EIGEN_RUNTIME_NO_MALLOC
+#include "support/eigen_assert_counter.hpp"  // first: counts Eigen's malloc check
 #include <mhc/sinkhorn.hpp>
 
 #include <algorithm>
@@ -287,6 +287,18 @@ TEST_CASE("Sinkhorn backward: compile-time N equals runtime n; float agrees with
   mhc::Sinkhorn<mhc::bf16, 4>::forward(A.cast<mhc::bf16>(), out_bf);
   const RowMatrix<double> ref = project<double>(A.cast<mhc::bf16>().cast<double>(), 4);
   CHECK((out_bf.cast<double>() - ref).cwiseAbs().maxCoeff() <= 4e-3);
+  // bf16 backward against the double backward of the same (bf16-rounded) inputs: each entry
+  // within 2^-8 of its own size (the output's rounding is at most 2^-9) plus 1e-4 of the largest
+  // (the float computation).
+  const RowMatrix<mhc::bf16> A_bf = A.cast<mhc::bf16>(), G_bf = G.cast<mhc::bf16>();
+  RowMatrix<mhc::bf16> d_bf(77, 16);
+  mhc::Sinkhorn<mhc::bf16, 4>::backward(A_bf, G_bf, d_bf);
+  RowMatrix<double> d_ref(77, 16);
+  mhc::Sinkhorn4d::backward(A_bf.cast<double>(), G_bf.cast<double>(), d_ref);
+  const double d_max = d_ref.cwiseAbs().maxCoeff();
+  CHECK(((d_bf.cast<double>() - d_ref).array().abs() <=
+         std::ldexp(1.0, -8) * d_ref.array().abs() + 1e-4 * d_max)
+            .all());
 }
 
 TEST_CASE("Sinkhorn results do not depend on batch position or thread count", "[sinkhorn]") {
@@ -304,16 +316,22 @@ TEST_CASE("Sinkhorn results do not depend on batch position or thread count", "[
     RowMatrix<float> G(1001, n * n), d1(1001, n * n), d2(1001, n * n);
     mhc_test::fill_uniform(G, rng);
 #if defined(_OPENMP)
+    const int saved = omp_get_max_threads();
     omp_set_num_threads(1);
 #endif
     const RowMatrix<float> serial = project(A, n);
     mhc::SinkhornXf::backward(A, G, d1);
-#if defined(_OPENMP)
-    omp_set_num_threads(2);
-#endif
-    mhc::SinkhornXf::backward(A, G, d2);
     CHECK(serial == all);
-    CHECK(d1 == d2);
+#if defined(_OPENMP)
+    for (const int threads : {2, 3, 7}) {  // 1001 tokens: uneven for 2 and 3 threads
+      CAPTURE(threads);
+      omp_set_num_threads(threads);
+      CHECK(project(A, n) == serial);
+      mhc::SinkhornXf::backward(A, G, d2);
+      CHECK(d1 == d2);
+    }
+    omp_set_num_threads(saved);
+#endif
   }
 }
 
@@ -325,20 +343,30 @@ TEST_CASE("Sinkhorn runs in place and on padded rows without allocating", "[sink
   mhc_test::fill_uniform(padded, rng);
   const RowMatrix<float> logits = padded.leftCols(16);
   const RowMatrix<float> expected = project(logits, 4);
-  RowMatrix<float> G(50, 16), dA(50, 16);
+  RowMatrix<float> G(50, 16), dA(50, 16), dAx(50, 16);
   mhc_test::fill_uniform(G, rng);
   RowMatrix<float> dA_expected(50, 16);
   mhc::Sinkhorn4f::backward(logits, G, dA_expected);
   const RowMatrix<float> padding_before = padded.rightCols(4);
 
+  const int asserts_before = mhc_test::g_eigen_assert_failures;
   Eigen::internal::set_is_malloc_allowed(false);
   auto view = mhc::map_batch(padded.data(), 50, 16, 20);
-  mhc::Sinkhorn4f::backward(view, G, dA);  // padded input
-  mhc::Sinkhorn4f::forward(view, view);    // in place on padded rows
-  mhc::SinkhornXf::forward(view, view);    // the runtime-n entry, in place again
+  mhc::Sinkhorn4f::backward(view, G, dA);   // padded input
+  mhc::SinkhornXf::backward(view, G, dAx);  // the runtime-n entry
+  mhc::Sinkhorn4f::forward(view, view);     // in place on padded rows
+  mhc::SinkhornXf::forward(view, view);     // the runtime-n entry, in place again
   Eigen::internal::set_is_malloc_allowed(true);
+  CHECK(mhc_test::g_eigen_assert_failures == asserts_before);
+  Eigen::internal::set_is_malloc_allowed(false);  // positive control: one allocation is counted
+  Eigen::VectorXf heap(1000);
+  Eigen::internal::set_is_malloc_allowed(true);
+  heap.setZero();
+  CHECK(mhc_test::g_eigen_assert_failures == asserts_before + 1);
+  mhc_test::g_eigen_assert_failures = asserts_before;
 
   CHECK(dA == dA_expected);
+  CHECK(dAx == dA_expected);
   CHECK(padded.rightCols(4) == padding_before);
   CHECK(project(expected, 4) == padded.leftCols(16));
 }
