@@ -519,6 +519,24 @@ TEST_CASE("block contexts, workspaces and initialisers reject bad values", "[blo
   BX::Context ctx;
   CHECK_THROWS_AS(ctx.resize(4, -8, 2, MemoryMode::cache), mhc::invalid_argument);
   CHECK_THROWS_AS(ctx.resize(17, 8, 2, MemoryMode::recompute), mhc::invalid_argument);
+  {
+    // a shared workspace of the wrong shape leaves a context (and its forward) as it was
+    const auto seed = mhc_test::fresh_seed();
+    CAPTURE(seed);
+    mhc_test::Rng rng(seed);
+    B block(3);
+    Layer layer(3, rng);
+    B::Context good(block, 2, MemoryMode::cache);
+    RM X(8, 3), out(8, 3), dX(8, 3);
+    mhc_test::fill_uniform(X, rng);
+    block.forward(X, layer, out, good);
+    B::Workspace other(5, 4, 3);
+    CHECK_THROWS_AS(good.resize(4, 3, 2, MemoryMode::recompute, 20, &other),
+                    mhc::invalid_argument);
+    CHECK(good.mode() == MemoryMode::cache);
+    Eigen::VectorXd g = Eigen::VectorXd::Zero(block.parameter_count());
+    CHECK_NOTHROW(block.backward(good, X, layer, dX, g));
+  }
   const double nan = std::numeric_limits<double>::quiet_NaN();
   mhc::BlockInit init;
   init.alpha = nan;
@@ -532,7 +550,8 @@ TEST_CASE("block contexts, workspaces and initialisers reject bad values", "[blo
   init = {};
   init.lite_identity_weight = 1.0;  // b_res would be +inf
   CHECK_THROWS_AS(mhc::MhcLiteBlock<double>(5, 4, init), mhc::invalid_argument);
-  CHECK_NOTHROW(B(5, 4, init));  // not used by mHC
+  CHECK_NOTHROW(B(5, 4, init));                                        // not used by mHC
+  CHECK_NOTHROW(mhc::MhcLiteBlock<double, mhc::Dynamic>(5, 1, init));  // n = 1: one permutation
   // reset_parameters writes nothing when it throws
   B block(5);
   const Eigen::VectorXd before = block.parameters();

@@ -52,6 +52,12 @@ void run_without_malloc(int n, bool dynamic = true) {
     block.backward(ctx, dX, layer, dX, grads);
     Eigen::internal::set_is_malloc_allowed(true);
     CHECK(mhc_test::g_eigen_assert_failures == asserts_before);
+    Eigen::internal::set_is_malloc_allowed(false);  // positive control: one allocation counted
+    Eigen::VectorXf heap(1000);
+    Eigen::internal::set_is_malloc_allowed(true);
+    heap.setZero();
+    CHECK(mhc_test::g_eigen_assert_failures == asserts_before + 1);
+    mhc_test::g_eigen_assert_failures = asserts_before;
     CHECK(out.allFinite());
     CHECK(dX.allFinite());
   }

@@ -288,8 +288,8 @@ TEST_CASE("Sinkhorn backward: compile-time N equals runtime n; float agrees with
   const RowMatrix<double> ref = project<double>(A.cast<mhc::bf16>().cast<double>(), 4);
   CHECK((out_bf.cast<double>() - ref).cwiseAbs().maxCoeff() <= 4e-3);
   // bf16 backward against the double backward of the same (bf16-rounded) inputs: each entry
-  // within 2^-8 of its own size (the output's rounding is at most 2^-9) plus 1e-4 of the largest
-  // (the float computation).
+  // within 2^-8 of its own size (the output's rounding to 8 significant bits) plus 1e-4 of the
+  // largest (the float computation).
   const RowMatrix<mhc::bf16> A_bf = A.cast<mhc::bf16>(), G_bf = G.cast<mhc::bf16>();
   RowMatrix<mhc::bf16> d_bf(77, 16);
   mhc::Sinkhorn<mhc::bf16, 4>::backward(A_bf, G_bf, d_bf);

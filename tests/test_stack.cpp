@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 #include <vector>
 
 #include "mhc/stack.hpp"
@@ -287,4 +288,27 @@ TEST_CASE("non-finite parameters or grads over the parameters: the stack writes 
   stack.forward(X, layers, out);
   CHECK_THROWS_AS(stack.backward(X, layers, dX, stack.parameters()), mhc::invalid_argument);
   CHECK((dX.array() == -7).all());
+
+  // A layer that throws mid-stack: the stack then holds no forward, so backward refuses at once
+  // instead of running the later blocks' contexts from the forward before.
+  struct Flaky : Layer {
+    using Layer::Layer;
+    bool fail = false;
+    void forward(const mhc::ConstBatchRef<double>& u, mhc::BatchRef<double> y) {
+      if (fail) throw std::runtime_error("layer failed");
+      Layer::forward(u, y);
+    }
+  };
+  std::vector<Flaky> flaky;
+  for (int l = 0; l < 3; ++l) flaky.emplace_back(C, rng);
+  mhc::Stack<double> second(3, C);
+  second.reserve(T, mhc::StackMemory::cache_all);
+  second.forward(X, flaky, out);
+  flaky[1].fail = true;
+  CHECK_THROWS_AS(second.forward(X, flaky, out), std::runtime_error);
+  Eigen::VectorXd sg2 = Eigen::VectorXd::Zero(second.parameter_count());
+  CHECK_THROWS_AS(second.backward(X, flaky, dX, sg2), mhc::invalid_argument);
+  CHECK((dX.array() == -7).all());
+  CHECK((sg2.array() == 0).all());
+  CHECK(flaky[2].backward_calls == 0);
 }

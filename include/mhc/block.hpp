@@ -218,17 +218,18 @@ class BlockContext {
   void resize(int n, Index C, Index tokens, MemoryMode mode, int iterations = 20,
               Workspace* shared = nullptr, bool dynamic = true) {
     detail::check_block_shape("BlockContext", tokens, n, C);
+    if (shared && (shared->tokens() != tokens || shared->streams() != n ||
+                   shared->width() != C || shared->dynamic() != dynamic))
+      detail::throw_invalid("BlockContext", "the shared workspace is for (T, n, C, dynamic) = (",
+                            shared->tokens(), ", ", shared->streams(), ", ", shared->width(), ", ",
+                            shared->dynamic(), "), expected (", tokens, ", ", n, ", ", C, ", ",
+                            dynamic, ")");
+    has_forward_ = false;
     mode_ = mode;
     T_ = tokens;
     n_ = n;
     C_ = C;
     if (shared) {
-      if (shared->tokens() != tokens || shared->streams() != n || shared->width() != C ||
-          shared->dynamic() != dynamic)
-        detail::throw_invalid("BlockContext", "the shared workspace is for (T, n, C, dynamic) = (",
-                              shared->tokens(), ", ", shared->streams(), ", ", shared->width(),
-                              ", ", shared->dynamic(), "), expected (", tokens, ", ", n, ", ", C,
-                              ", ", dynamic, ")");
       own_.reset();
       ws_ = shared;
     } else {
@@ -349,7 +350,7 @@ class Block {
 
   /// Writes the defaults of `init` into the parameters (see variants.hpp). Throws
   /// mhc::invalid_argument, writing nothing, if `init` has a non-finite value, a negative
-  /// projection_std or pre_stream, or (mHC-lite) lite_identity_weight outside (0, 1).
+  /// projection_std or pre_stream, or (mHC-lite, n >= 2) lite_identity_weight outside (0, 1).
   void reset_parameters(const BlockInit& init) {
     if constexpr (Variant::kHasCoefficients) {
     check_init(init);
@@ -494,7 +495,7 @@ class Block {
     options_ = options;
   }
 
-  static void check_init(const BlockInit& init) {
+  void check_init(const BlockInit& init) const {
     constexpr const char* where = "Block::reset_parameters";
     const std::pair<const char*, double> values[] = {
         {"alpha", init.alpha},           {"res_logit_gap", init.res_logit_gap},
@@ -507,7 +508,7 @@ class Block {
       detail::throw_invalid(where, "init.projection_std = ", init.projection_std, " < 0");
     if (init.pre_stream < 0)
       detail::throw_invalid(where, "init.pre_stream = ", init.pre_stream, " < 0");
-    if (std::is_same<Variant, MhcLiteVariant>::value &&
+    if (std::is_same<Variant, MhcLiteVariant>::value && detail::factorial(layout_.n) > 1 &&
         !(init.lite_identity_weight > 0 && init.lite_identity_weight < 1))
       detail::throw_invalid(where, "init.lite_identity_weight = ", init.lite_identity_weight,
                             " is not in (0, 1)");

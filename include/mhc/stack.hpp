@@ -154,6 +154,7 @@ class Stack {
       detail::throw_invalid(where, "gain is for (T, n) = (", gain->product().rows(), ", ",
                             gain->streams(), "), expected (", T_, ", ", streams(), ")");
     for (const BlockType& block : blocks_) block.check_parameters(where);
+    has_forward_ = false;  // until this forward completes (a layer may throw)
     if (X_out.data() != X.data()) X_out = X;
     const int L = layers_count();
     for (int l = 0; l < L; ++l) {

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "mhc/config.hpp"
 #include "mhc/types.hpp"
