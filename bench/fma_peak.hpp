@@ -15,25 +15,36 @@
 
 namespace mhc_bench {
 
-/// One thread's `iters` rounds of 16 independent FMA chains acc = a acc + b (Eigen's widest float
-/// packet). With AVX-512 on x86-64 the loop is written out in assembly and starts on a 64-byte
-/// boundary: its 16 six-byte vfmadd213ps fill [0, 96) and the fused dec/jnz [96, 101), so the
-/// branch neither crosses nor ends on a 32-byte boundary. Compiled from C++, the loop's placement
-/// followed the code around it, and on Skylake-family cores with the JCC-erratum microcode a
-/// branch that crosses or ends on a 32-byte boundary is not cached in the decoded-uop cache: the
-/// build of 09ea8dd had its jne end at such a boundary and read 190-200 GFLOP/s on 2 threads of
-/// the Cascade Lake VM where a build with the same loop 16 bytes later read 265-270 (three
-/// alternating runs of `--benchmark_filter=fma_peak`), so its peak, and the Coefficients rows'
-/// vs_fma_peak and vs_roofline, depended on the link layout (docs/performance_log.md). Elsewhere
-/// the C++ loop runs unrolled eight times, so its one branch comes once per 128 FMAs.
+/// Independent FMA chains per thread: all the vector registers but the two constants. With 16
+/// registers (x86-64 without AVX-512) 16 chains left a and b no register, and g++ 12 reloaded
+/// spilled chains from the stack inside the loop: on a Zen 3 VM the peak read 55 GFLOP/s on one
+/// thread where a 12-chain loop read 80-90, and the Coefficients forward "ran" at 1.07 of it.
+#if defined(__AVX512F__) || !(defined(__x86_64__) || defined(__i386__))
+inline constexpr int kFmaChains = 16;
+#else
+inline constexpr int kFmaChains = 12;
+#endif
+
+/// One thread's `iters` rounds of kFmaChains independent FMA chains acc = a acc + b (Eigen's
+/// widest float packet). On x86-64 with AVX-512, or AVX2 and FMA, the loop is written out in
+/// assembly and starts on a 64-byte boundary, its loop-closing branch placed so that it neither
+/// crosses nor ends on a 32-byte boundary. Compiled from C++, the loop's placement followed the
+/// code around it, and on Skylake-family cores with the JCC-erratum microcode such a branch is not
+/// cached in the decoded-uop cache: the build of 09ea8dd had its jne end at such a boundary and
+/// read 190-200 GFLOP/s on 2 threads of the Cascade Lake VM where a build with the same loop 16
+/// bytes later read 265-270 (three alternating runs of `--benchmark_filter=fma_peak`), so its
+/// peak, and the Coefficients rows' vs_fma_peak and vs_roofline, depended on the link layout
+/// (docs/performance_log.md). AVX-512: 16 six-byte vfmadd213ps fill [0, 96), the fused dec/jnz
+/// [96, 101). AVX2: 12 five-byte vfmadd213ps fill [0, 60), a four-byte nop, dec/jnz [64, 69).
+/// Elsewhere the C++ loop runs unrolled eight times, so its one branch comes once per 8 rounds.
 inline float fma_chains(long iters) {
   using Packet = Eigen::internal::packet_traits<float>::type;
-  Packet acc[16];
-  for (int k = 0; k < 16; ++k) acc[k] = Eigen::internal::pset1<Packet>(float(k));
+  Packet acc[kFmaChains];
+  for (int k = 0; k < kFmaChains; ++k) acc[k] = Eigen::internal::pset1<Packet>(float(k));
   const Packet a = Eigen::internal::pset1<Packet>(0.999999f),
                b = Eigen::internal::pset1<Packet>(1e-7f);
 #if defined(__AVX512F__) && defined(__GNUC__) && defined(__x86_64__)
-  static_assert(sizeof(Packet) == 64, "the widest float packet is a zmm register");
+  static_assert(sizeof(Packet) == 64 && kFmaChains == 16, "16 zmm chains");
   if (iters > 0) {  // zmm0-15: the chains, zmm16: a, zmm17: b
     long left = iters;
     __asm__ __volatile__(
@@ -57,6 +68,32 @@ inline float fma_chains(long iters) {
         : "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
           "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17");
   }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__GNUC__) && defined(__x86_64__)
+  static_assert(sizeof(Packet) == 32 && kFmaChains == 12, "12 ymm chains");
+  if (iters > 0) {  // ymm0-11: the chains, ymm12: a, ymm13: b
+    long left = iters;
+    __asm__ __volatile__(
+        ".irp k, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11\n\t"
+        "vmovups \\k * 32(%[acc]), %%ymm\\k\n\t"
+        ".endr\n\t"
+        "vmovups (%[a]), %%ymm12\n\t"
+        "vmovups (%[b]), %%ymm13\n\t"
+        ".p2align 6\n"
+        "1:\n\t"
+        ".irp k, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11\n\t"
+        "vfmadd213ps %%ymm13, %%ymm12, %%ymm\\k\n\t"
+        ".endr\n\t"
+        ".byte 0x0f, 0x1f, 0x40, 0x00\n\t"  // nopl 0(%rax): dec/jnz start at byte 64
+        "dec %[left]\n\t"
+        "jnz 1b\n\t"
+        ".irp k, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11\n\t"
+        "vmovups %%ymm\\k, \\k * 32(%[acc])\n\t"
+        ".endr\n\t"
+        : [left] "+r"(left), "=m"(acc)
+        : [acc] "r"(acc), [a] "r"(&a), [b] "r"(&b), "m"(acc), "m"(a), "m"(b)
+        : "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+          "xmm10", "xmm11", "xmm12", "xmm13");
+  }
 #else
 #if defined(__clang__)
 #pragma clang loop unroll_count(8)
@@ -64,16 +101,16 @@ inline float fma_chains(long iters) {
 #pragma GCC unroll 8
 #endif
   for (long i = 0; i < iters; ++i) {
-    for (int k = 0; k < 16; ++k) acc[k] = Eigen::internal::pmadd(acc[k], a, b);
+    for (int k = 0; k < kFmaChains; ++k) acc[k] = Eigen::internal::pmadd(acc[k], a, b);
   }
 #endif
   float sink = 0;
-  for (int k = 0; k < 16; ++k) sink += Eigen::internal::predux(acc[k]);
+  for (int k = 0; k < kFmaChains; ++k) sink += Eigen::internal::predux(acc[k]);
   return sink;
 }
 
-/// Seconds for `iters` rounds of fma_chains on each of `threads` threads: 32 x packet size x
-/// iters flops per thread.
+/// Seconds for `iters` rounds of fma_chains on each of `threads` threads: 2 x kFmaChains x
+/// packet size x iters flops per thread.
 inline double fma_seconds(int threads, long iters) {
   const auto t0 = std::chrono::steady_clock::now();
   float sink = 0;
@@ -92,7 +129,8 @@ inline double fma_rate(int threads, long iters, int reps) {
   constexpr int kSize = Eigen::internal::packet_traits<float>::size;
   double best = 0;
   for (int rep = 0; rep < reps; ++rep)
-    best = std::max(best, double(threads) * iters * 16 * 2 * kSize / fma_seconds(threads, iters));
+    best = std::max(best, double(threads) * iters * kFmaChains * 2 * kSize /
+                               fma_seconds(threads, iters));
   return best;
 }
 
