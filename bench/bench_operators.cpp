@@ -26,6 +26,14 @@
 // (CoefficientsPreMix rows: Coefficients::forward with u) (n+1)Cs, X read once and u written, as
 // spec section 6 counts it. Coefficient flops: 2 nC (n^2+2n) per token forward, twice that
 // backward (dX and dW).
+//
+// Buffers are 64-byte aligned on every target, as a framework's allocator gives them (PyTorch's
+// CPU allocator aligns to 64 bytes). Eigen aligns its heap to 32 bytes where the widest packet
+// is AVX's, and rows at 32 bytes past a line get no streaming stores (detail::stream_row and
+// stream_line_block stream whole 64-byte lines only).
+#ifndef EIGEN_MAX_ALIGN_BYTES
+#define EIGEN_MAX_ALIGN_BYTES 64
+#endif
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>

@@ -243,15 +243,15 @@ TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat1
   CHECK(std::isnan(f));
 }
 
-#if defined(MHC_HAVE_AVX512_KERNELS)
-TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16]") {
-  // bf16x16_bits (one packet) and bf16x32_bits (a pair: vcvtne2ps2bf16 where no lane is a float
-  // denormal) against the portable rounding, on packets with and without denormals, NaN, ties;
-  // also the column-parity split and its interleaving store (vcvtne2ps2bf16 + vpermw with
-  // AVX512-BF16, integer rounding and one ternary-logic op without).
-  const auto seed = fresh_seed();
-  CAPTURE(seed);
-  Rng rng(seed);
+#if defined(MHC_HAVE_AVX512_KERNELS) || defined(MHC_HAVE_AVX2_KERNELS)
+namespace {
+std::uint16_t bits_of(mhc::bf16 v) { return Eigen::numext::bit_cast<std::uint16_t>(v); }
+
+/// 32 x 400 floats for the SIMD rounding tests: normal values, a quarter of the 32-value groups
+/// float denormals, and specials (zeros, ties, huge, denormals, infinities; NaNs quiet,
+/// signalling, and with payloads only in the low 16 bits, which rounding alone would carry into
+/// an infinity).
+std::vector<float> rounding_test_values(Rng& rng) {
   std::vector<float> values;
   for (int k = 0; k < 32 * 400; ++k) {
     const double e = (k / 32) % 4 == 0 ? uniform(rng, -150, -120) : uniform(rng, -60, 60);
@@ -262,8 +262,6 @@ TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16
     std::memcpy(&f, &b, sizeof(f));
     return f;
   };
-  // NaNs: quiet, signalling, and payloads only in the low 16 bits (which rounding alone would
-  // carry into an infinity)
   const float specials[] = {0.f, -0.f, 1.00390625f, 1.01171875f, 3.0e38f, -3.4e38f, 1e-40f,
                             -1e-45f, std::numeric_limits<float>::infinity(),
                             std::numeric_limits<float>::quiet_NaN(),
@@ -273,6 +271,21 @@ TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16
                             std::numeric_limits<float>::min()};
   for (size_t k = 0; k < sizeof(specials) / sizeof(float); ++k)
     values[(37 * k) % values.size()] = specials[k];
+  return values;
+}
+}  // namespace
+#endif
+
+#if defined(MHC_HAVE_AVX512_KERNELS)
+TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16]") {
+  // bf16x16_bits (one packet) and bf16x32_bits (a pair: vcvtne2ps2bf16 where no lane is a float
+  // denormal) against the portable rounding, on packets with and without denormals, NaN, ties;
+  // also the column-parity split and its interleaving store (vcvtne2ps2bf16 + vpermw with
+  // AVX512-BF16, integer rounding and one ternary-logic op without).
+  const auto seed = fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  const std::vector<float> values = rounding_test_values(rng);
   std::vector<mhc::bf16> ref(values.size()), one(values.size()), pair(values.size());
   mhc::detail::float_to_bf16(values.data(), ref.data(), Index(values.size()));
   for (size_t k = 0; k < values.size(); k += 32) {
@@ -283,9 +296,9 @@ TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16
   }
   int mismatches = 0;
   for (size_t k = 0; k < values.size(); ++k) {
-    const auto r = Eigen::numext::bit_cast<std::uint16_t>(ref[k]);
-    mismatches += Eigen::numext::bit_cast<std::uint16_t>(one[k]) != r;
-    mismatches += Eigen::numext::bit_cast<std::uint16_t>(pair[k]) != r;
+    const auto r = bits_of(ref[k]);
+    mismatches += bits_of(one[k]) != r;
+    mismatches += bits_of(pair[k]) != r;
   }
   CHECK(mismatches == 0);
   // The parity split of a line (bf16x32_even / _odd) gives each bf16 column's exact float value,
@@ -309,10 +322,50 @@ TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16
     }
   }
   for (size_t k = 0; k < values.size(); ++k)
-    eo_mismatches += Eigen::numext::bit_cast<std::uint16_t>(eo[k]) !=
-                     Eigen::numext::bit_cast<std::uint16_t>(ref[k]);
+    eo_mismatches += bits_of(eo[k]) != bits_of(ref[k]);
   CHECK(split_mismatches == 0);
   CHECK(eo_mismatches == 0);
+}
+#endif
+
+#if defined(MHC_HAVE_AVX2_KERNELS)
+TEST_CASE("The AVX2 bf16 loads and stores agree bit for bit with the portable conversions",
+          "[bf16]") {
+  // store8 / bf16x8_bits against float_to_bf16 (nearest even, NaN quieted), load8 against
+  // bf16_to_float, and stream_line_block (streaming into a 64-byte aligned row, plain stores
+  // elsewhere) copying a block exactly
+  const auto seed = fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  const std::vector<float> values = rounding_test_values(rng);
+  const Index count = Index(values.size());
+  std::vector<mhc::bf16> ref(values.size()), stored(values.size());
+  mhc::detail::float_to_bf16(values.data(), ref.data(), count);
+  for (Index k = 0; k < count; k += 8)
+    mhc::detail::store8(stored.data() + k, _mm256_loadu_ps(values.data() + k));
+  std::vector<float> widened(values.size()), loaded(values.size());
+  mhc::detail::bf16_to_float(ref.data(), widened.data(), count);
+  for (Index k = 0; k < count; k += 8)
+    _mm256_storeu_ps(loaded.data() + k, mhc::detail::load8(ref.data() + k));
+  int store_mismatches = 0;
+  for (Index k = 0; k < count; ++k) store_mismatches += bits_of(stored[k]) != bits_of(ref[k]);
+  CHECK(store_mismatches == 0);
+  CHECK(std::memcmp(loaded.data(), widened.data(), sizeof(float) * values.size()) == 0);
+  constexpr int B = mhc::detail::kColumnBlock;
+  alignas(64) float src[B];
+  alignas(64) mhc::bf16 src_bf16[B];
+  std::memcpy(src, values.data(), sizeof(src));
+  std::memcpy(src_bf16, ref.data(), sizeof(src_bf16));
+  for (const int offset : {0, 1, 8, 16}) {  // elements past a 64-byte boundary
+    CAPTURE(offset);
+    alignas(64) float dst[B + 16] = {};
+    alignas(64) mhc::bf16 dst_bf16[B + 32] = {};
+    mhc::detail::stream_line_block(dst + offset, src);
+    mhc::detail::stream_line_block(dst_bf16 + offset, src_bf16);
+    mhc::detail::stream_fence();
+    CHECK(std::memcmp(dst + offset, src, sizeof(src)) == 0);
+    CHECK(std::memcmp(dst_bf16 + offset, src_bf16, sizeof(src_bf16)) == 0);
+  }
 }
 #endif
 

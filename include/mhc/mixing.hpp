@@ -35,6 +35,13 @@ struct PreMix {
   static constexpr bool kRegisterBlocks =
       std::is_same<Real, float>::value && N != Dynamic && N <= 4;
 #endif
+#if defined(MHC_HAVE_AVX2_KERNELS)
+  /// The backward's full column blocks of a fixed small n with bf16 storage run in AVX2 registers
+  /// (backward_avx2_blocks). With float storage the generic path runs: the kernel measured
+  /// 0.62-0.74 of memcpy on one thread against its 0.67-0.81 (C = 1024 / 4096 / 7168, Zen 3,
+  /// three alternating bench_operators runs); bf16 went from 0.36-0.49 to 0.45-0.69.
+  static constexpr bool kAvx2Blocks = std::is_same<Scalar, bf16>::value && N != Dynamic && N <= 4;
+#endif
 
 #if defined(MHC_HAVE_AVX512_KERNELS)
   /// bf16 storage with short rows (C <= kRowWalkColumns, whole 64-column blocks): the forward
@@ -163,8 +170,16 @@ struct PreMix {
     detail::for_each_parallel(T, Index(n) * C, [&](Index t) {
       const Real* hp = h_pre.row(detail::coefficient_row(h_pre, t)).data();
       detail::DotAccumulator<Real> dhp[kMaxN];  // sum_c X[i][c] du[c]
-      detail::for_each_column_block(C, [&](Index c0, auto width_tag, Index w) {
+      Index done = 0;  // leading columns handled by backward_avx2_blocks
+#if defined(MHC_HAVE_AVX2_KERNELS)
+      if constexpr (kAvx2Blocks) {
+        done = C - C % detail::kColumnBlock;
+        backward_avx2_blocks(X, hp, d_u, d_X, t, done, ahead, dhp);
+      }
+#endif
+      detail::for_each_column_block(C - done, [&](Index c_rel, auto width_tag, Index w) {
         constexpr int W = decltype(width_tag)::value;
+        const Index c0 = done + c_rel;
         ahead(d_u, 1, t, c0, w);
         ahead(X, n, t, c0, w);
         ahead(d_X, n, t, c0, w);
@@ -199,6 +214,41 @@ struct PreMix {
       for (int i = 0; i < n; ++i) d_h_pre(t, i) = dhp[i].total();
     });
   }
+
+ private:
+#if defined(MHC_HAVE_AVX2_KERNELS)
+  /// n <= 4, AVX2 + FMA: backward() over the full column blocks [0, full) of token t, each
+  /// block row by row, the n dot-product accumulators in registers over the whole row (their
+  /// lanes become the DotAccumulator lanes). The same products and FMAs in the same column order as
+  /// the generic path.
+  template <typename Ahead>
+  static void backward_avx2_blocks(const ConstBatchRef<Scalar>& X, const Real* hp,
+                                   const ConstBatchRef<Scalar>& d_u, BatchRef<Scalar>& d_X,
+                                   Index t, Index full, const Ahead& ahead,
+                                   detail::DotAccumulator<Real>* dhp) {
+    static_assert(kAvx2Blocks && detail::DotAccumulator<Real>::kLanes == 8, "AVX2 float path");
+    __m256 acc[N];
+    for (int i = 0; i < N; ++i) acc[i] = _mm256_setzero_ps();
+    for (Index c0 = 0; c0 < full; c0 += detail::kColumnBlock) {
+      ahead(d_u, 1, t, c0, detail::kColumnBlock);
+      ahead(X, N, t, c0, detail::kColumnBlock);
+      ahead(d_X, N, t, c0, detail::kColumnBlock);
+      const Scalar* du = detail::at(d_u, t, c0);
+      for (int i = 0; i < N; ++i) {  // row by row (d_u's block stays in L1)
+        const __m256 h = _mm256_set1_ps(hp[i]);
+        const Scalar* x = detail::at(X, t * N + i, c0);
+        Scalar* dx = detail::at(d_X, t * N + i, c0);
+#pragma GCC unroll 8
+        for (int c = 0; c < detail::kColumnBlock; c += 8) {
+          const __m256 duv = detail::load8(du + c);
+          acc[i] = _mm256_fmadd_ps(detail::load8(x + c), duv, acc[i]);
+          detail::store8(dx + c, _mm256_fmadd_ps(h, duv, detail::load8(dx + c)));
+        }
+      }
+    }
+    for (int i = 0; i < N; ++i) _mm256_storeu_ps(dhp[i].lanes.data(), acc[i]);
+  }
+#endif
 };
 
 /// Residual update X' = H_res X + h_post y^T and its backward.
@@ -218,6 +268,11 @@ struct Update {
   /// backward_bf16_rows (both by column parity; the backward's dot products with vdpbf16ps where
   /// the target has AVX512-BF16, else as FMAs on the split floats).
   static constexpr bool kBf16Rows = kRegisterBlocks && std::is_same<Scalar, bf16>::value;
+#endif
+#if defined(MHC_HAVE_AVX2_KERNELS)
+  /// Full column blocks of a fixed small n run in AVX2 registers, float or bf16 storage
+  /// (forward_avx2_blocks, backward_avx2_blocks).
+  static constexpr bool kAvx2Blocks = std::is_same<Real, float>::value && N != Dynamic && N <= 4;
 #endif
 
   /// X_out (T*n, C) = H_res X + h_post y^T per token. X_out may be X itself (same data and row
@@ -251,6 +306,12 @@ struct Update {
 #if defined(MHC_HAVE_AVX512_KERNELS)
         if constexpr (kBf16Rows && W == detail::kColumnBlock) {
           forward_bf16_block(X, H, hq, y, X_out, t, c0);
+          return;
+        }
+#endif
+#if defined(MHC_HAVE_AVX2_KERNELS)
+        if constexpr (kAvx2Blocks && W == detail::kColumnBlock) {
+          forward_avx2_block(X, H, hq, y, X_out, t, c0);
           return;
         }
 #endif
@@ -342,6 +403,12 @@ struct Update {
       if constexpr (kBf16Rows) {
         done = C - C % detail::kColumnBlock;
         backward_bf16_rows(X, y, d_X_out, d_X, d_y, H, hq, t, done, ahead, dH, dhq);
+      }
+#endif
+#if defined(MHC_HAVE_AVX2_KERNELS)
+      if constexpr (kAvx2Blocks) {
+        done = C - C % detail::kColumnBlock;
+        backward_avx2_blocks(X, y, d_X_out, d_X, d_y, H, hq, t, done, ahead, dH, dhq);
       }
 #endif
       detail::for_each_column_block(C - done, [&](Index c_rel, auto width_tag, Index w) {
@@ -568,6 +635,137 @@ struct Update {
     for (int k = 0; k < N * N; ++k) _mm512_storeu_ps(dH[k].lanes.data(), aH[k]);
 #pragma GCC unroll 16
     for (int i = 0; i < N; ++i) _mm512_storeu_ps(dhq[i].lanes.data(), ahq[i]);
+  }
+#endif
+#if defined(MHC_HAVE_AVX2_KERNELS)
+  /// n <= 4, AVX2 + FMA: forward() on the full 64-column block at c0 of token t, 16 columns per
+  /// step (the n rows' two packets, two of y, two results and a broadcast: <= 13 registers); for
+  /// float into an L1 buffer, then the block's n rows out as whole lines (stream_line_block;
+  /// 1.0-1.25 -> 1.13-1.44 of memcpy, three alternating bench_operators runs on Zen 3). The same
+  /// products and sums per column as the generic path, as fused multiply-adds; the block is read
+  /// before any of it is written (in-place update).
+  static void forward_avx2_block(const ConstBatchRef<Scalar>& X, const Real* H, const Real* hq,
+                                 const ConstBatchRef<Scalar>& y, BatchRef<Scalar>& X_out, Index t,
+                                 Index c0) {
+    static_assert(kAvx2Blocks, "AVX2 float path");
+    // float: through an L1 buffer, streamed out as whole lines; bf16: stored directly (streaming
+    // its 2-line rows measured 0.59-0.67 of memcpy against 0.77-0.82 at C = 4096 / 7168)
+    constexpr bool kStreamLines = std::is_same<Scalar, float>::value;
+    alignas(64) Scalar out[kStreamLines ? N : 1][detail::kColumnBlock];
+#pragma GCC unroll 4
+    for (int c = 0; c < detail::kColumnBlock; c += 16) {
+      __m256 x[N][2], yr[2];
+      for (int j = 0; j < N; ++j)
+        for (int q = 0; q < 2; ++q)
+          x[j][q] = detail::load8(detail::at(X, t * N + j, c0 + c) + 8 * q);
+      for (int q = 0; q < 2; ++q) yr[q] = detail::load8(detail::at(y, t, c0 + c) + 8 * q);
+      for (int i = 0; i < N; ++i) {
+        __m256 acc[2];
+        for (int q = 0; q < 2; ++q) {
+          acc[q] = _mm256_mul_ps(_mm256_set1_ps(hq[i]), yr[q]);
+          for (int j = 0; j < N; ++j)
+            acc[q] = _mm256_fmadd_ps(_mm256_set1_ps(H[i * N + j]), x[j][q], acc[q]);
+        }
+        Scalar* dst = kStreamLines ? out[i] + c : detail::at(X_out, t * N + i, c0 + c);
+        detail::store8(dst, acc[0]);
+        detail::store8(dst + 8, acc[1]);
+      }
+    }
+    if constexpr (kStreamLines)
+      for (int i = 0; i < N; ++i)
+        detail::stream_line_block(detail::at(X_out, t * N + i, c0), out[i]);
+  }
+
+  /// n <= 4, AVX2 + FMA (16 vector registers): backward() over the full column blocks [0, full)
+  /// of token t. Per 64-column block (in L1 after the first pass) the n*n + n dot products run
+  /// in passes that keep their accumulators in registers: two columns j of d_H_res at a time
+  /// (2n accumulators, n packets of G and two of X: <= 14 registers), then d_h_post; a last pass
+  /// computes d_y = G^T h_post and d_X = H_res^T G, 16 columns at a time, loading each step's
+  /// columns of G before it writes d_X there (in-place d_X). Every accumulator lane adds its
+  /// columns in the generic path's order, with the same products and fused multiply-adds, and
+  /// the lanes become the DotAccumulator lanes (the tail and total() follow as elsewhere).
+  template <typename Ahead>
+  static void backward_avx2_blocks(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Scalar>& y,
+                                   const ConstBatchRef<Scalar>& d_X_out, BatchRef<Scalar>& d_X,
+                                   BatchRef<Scalar>& d_y, const Real* H, const Real* hq, Index t,
+                                   Index full, const Ahead& ahead,
+                                   detail::DotAccumulator<Real>* dH,
+                                   detail::DotAccumulator<Real>* dhq) {
+    static_assert(kAvx2Blocks && detail::DotAccumulator<Real>::kLanes == 8, "AVX2 float path");
+    constexpr int kB = detail::kColumnBlock;
+    __m256 aH[N * N], ahq[N];
+    for (int k = 0; k < N * N; ++k) aH[k] = _mm256_setzero_ps();
+    for (int i = 0; i < N; ++i) ahq[i] = _mm256_setzero_ps();
+    // bf16: the block's rows of G, X and y widened once into L1 (the passes read G n + 2 times)
+    alignas(32) float wide[std::is_same<Scalar, bf16>::value ? 2 * N + 1 : 1][kB];
+    for (Index c0 = 0; c0 < full; c0 += kB) {
+      ahead(y, 1, t, c0, kB);
+      ahead(d_X_out, N, t, c0, kB);
+      ahead(X, N, t, c0, kB);
+      const float* g[N];  // this block's columns of G, X and y as floats
+      const float* x[N + 1];  // x[N]: y
+      const auto row = [&](const ConstBatchRef<Scalar>& v, Index r, int k) -> const float* {
+        if constexpr (std::is_same<Scalar, bf16>::value) {
+          detail::bf16_to_float(detail::at(v, r, c0), wide[k], kB);
+          return wide[k];
+        } else {
+          (void)k;
+          return detail::at(v, r, c0);
+        }
+      };
+      for (int i = 0; i < N; ++i) g[i] = row(d_X_out, t * N + i, i);
+      for (int j = 0; j < N; ++j) x[j] = row(X, t * N + j, N + j);
+      x[N] = row(y, t, 2 * N);
+      // acc[i * stride + k] += G[i] . x[k] for nb columns k (<= 2): 2n accumulators, G's n
+      // packets of 8 columns and two of x (<= 14 registers)
+      const auto dots = [&](__m256* acc, int stride, const float* const* b, int nb) {
+        __m256 a[2 * N];
+        for (int i = 0; i < N; ++i)
+          for (int k = 0; k < nb; ++k) a[i * nb + k] = acc[i * stride + k];
+#pragma GCC unroll 8
+        for (int c = 0; c < kB; c += 8) {
+          __m256 gv[N], bv[2];
+          for (int i = 0; i < N; ++i) gv[i] = _mm256_loadu_ps(g[i] + c);
+          for (int k = 0; k < nb; ++k) bv[k] = _mm256_loadu_ps(b[k] + c);
+          for (int i = 0; i < N; ++i)
+            for (int k = 0; k < nb; ++k)
+              a[i * nb + k] = _mm256_fmadd_ps(gv[i], bv[k], a[i * nb + k]);
+        }
+        for (int i = 0; i < N; ++i)
+          for (int k = 0; k < nb; ++k) acc[i * stride + k] = a[i * nb + k];
+        // each pass reloads G from L1: without this g++ 12 loaded all 32 packets of G once for
+        // every pass and spilled them to the stack, a store and a reload per packet and pass
+        detail::compiler_barrier();
+      };
+      for (int j = 0; j + 1 < N; j += 2) dots(aH + j, N, x + j, 2);
+      if (N % 2 == 1) dots(aH + (N - 1), N, x + (N - 1), 1);
+      dots(ahq, 1, x + N, 1);
+      // d_y = G^T h_post and d_X[j] = sum_i H[i][j] G[i]; G's columns are loaded before d_X's
+      // are written (in-place d_X)
+      alignas(64) Scalar out[N + 1][kB];  // d_X rows, then d_y, streamed out as whole lines
+#pragma GCC unroll 4
+      for (int c = 0; c < kB; c += 16) {
+        __m256 gv[N][2];
+        for (int i = 0; i < N; ++i)
+          for (int q = 0; q < 2; ++q) gv[i][q] = _mm256_loadu_ps(g[i] + c + 8 * q);
+        const auto mix = [&](const Real* coef, int stride, Scalar* dst) {
+          __m256 v[2];
+          for (int q = 0; q < 2; ++q) {
+            v[q] = _mm256_mul_ps(_mm256_set1_ps(coef[0]), gv[0][q]);
+            for (int i = 1; i < N; ++i)
+              v[q] = _mm256_fmadd_ps(_mm256_set1_ps(coef[i * stride]), gv[i][q], v[q]);
+          }
+          detail::store8(dst, v[0]);
+          detail::store8(dst + 8, v[1]);
+        };
+        mix(hq, 1, out[N] + c);
+        for (int j = 0; j < N; ++j) mix(H + j, N, out[j] + c);
+      }
+      detail::stream_line_block(detail::at(d_y, t, c0), out[N]);
+      for (int j = 0; j < N; ++j) detail::stream_line_block(detail::at(d_X, t * N + j, c0), out[j]);
+    }
+    for (int k = 0; k < N * N; ++k) _mm256_storeu_ps(dH[k].lanes.data(), aH[k]);
+    for (int i = 0; i < N; ++i) _mm256_storeu_ps(dhq[i].lanes.data(), ahq[i]);
   }
 #endif
 };

@@ -13,7 +13,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__) && (defined(__x86_64__) || defined(_M_X64)) && \
+#if (defined(__AVX512F__) || defined(__AVX__)) && (defined(__x86_64__) || defined(_M_X64)) && \
     !defined(MHC_NO_STREAM_STORES)
 #include <immintrin.h>
 #define MHC_HAVE_STREAM_STORES 1
@@ -32,6 +32,14 @@
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
 #define MHC_HAVE_BF16_DOT_KERNELS 1
 #endif
+#endif
+// Hand-written AVX2 + FMA register kernels (the mixing operators' full column blocks, n <= 4) where
+// the target has AVX2 and FMA but not AVX-512 (e.g. -march=native on AMD Zen 2 / Zen 3 or Intel
+// Haswell to Alder Lake); MHC_NO_AVX2_KERNELS selects the portable Eigen-packet code instead.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && \
+    (defined(__x86_64__) || defined(_M_X64)) && !defined(MHC_NO_AVX2_KERNELS)
+#include <immintrin.h>
+#define MHC_HAVE_AVX2_KERNELS 1
 #endif
 
 #include "mhc/detail/check.hpp"
@@ -216,13 +224,38 @@ inline void store_row(Scalar* dst, Index w, const Expr& row) {
   }
 }
 
-/// Like store_row, but with non-temporal (streaming) stores where the target has AVX-512 and dst
+/// Like store_row, but with non-temporal (streaming) stores where the target has AVX(-512) and dst
 /// is 64-byte aligned for a full kColumnBlock block: for the large outputs nothing reads back
 /// soon (X', d_X of Update, d_y, u), it saves the read-for-ownership of every written line.
 /// Tasks that use it end with stream_fence() (for_each_parallel does, once per chunk).
 template <int Width, typename Scalar, typename Expr>
 inline void stream_row(Scalar* dst, Index w, const Expr& row) {
-#if defined(MHC_HAVE_STREAM_STORES)
+#if defined(MHC_HAVE_STREAM_STORES) && !defined(__AVX512F__)
+  // AVX: the same with 32-byte streaming stores (two per cache line, written back to back)
+  if constexpr (Width == kColumnBlock) {
+    if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
+      if constexpr (std::is_same<Scalar, float>::value) {
+        const LoadedRow<float, Width> v = row;
+        for (int q = 0; q < Width / 8; ++q)
+          _mm256_stream_ps(dst + 8 * q, _mm256_loadu_ps(v.data() + 8 * q));
+        return;
+      } else if constexpr (std::is_same<Scalar, double>::value) {
+        const LoadedRow<double, Width> v = row;
+        for (int q = 0; q < Width / 4; ++q)
+          _mm256_stream_pd(dst + 4 * q, _mm256_loadu_pd(v.data() + 4 * q));
+        return;
+      } else {
+        const LoadedRow<float, Width> v = row;
+        alignas(64) bf16 packed[Width];
+        float_to_bf16(v.data(), packed, Width);
+        for (int q = 0; q < Width / 16; ++q)
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(dst) + q,
+                              _mm256_load_si256(reinterpret_cast<const __m256i*>(packed) + q));
+        return;
+      }
+    }
+  }
+#elif defined(MHC_HAVE_STREAM_STORES)
   if constexpr (Width == kColumnBlock) {
     if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
       if constexpr (std::is_same<Scalar, float>::value) {
@@ -310,6 +343,55 @@ EIGEN_ALWAYS_INLINE void stream_even_odd(bf16* dst, __m512 even, __m512 odd) {
   }
 #endif
   _mm512_storeu_si512(dst, bits);
+}
+#endif
+
+#if defined(MHC_HAVE_AVX2_KERNELS)
+/// Register-level access to 8 values (one AVX packet) for the AVX2 paths of the mixing operators
+/// (float compute type; float or bf16 storage). bf16 loads are exact (the bits shifted up).
+EIGEN_ALWAYS_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+EIGEN_ALWAYS_INLINE __m256 load8(const bf16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+/// 8 floats rounded to 8 bf16, bit for bit as float_to_bf16 (u + 0x7FFF + lsb, nearest even; a
+/// NaN keeps its bits with the quiet bit set).
+EIGEN_ALWAYS_INLINE __m128i bf16x8_bits(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                         _mm256_set1_epi32(0x7F800000));
+  const __m256i bits = _mm256_srli_epi32(
+      _mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan), 16);
+  // 32-bit lanes (each < 2^16) to 16 bits; packus works per 128-bit half, so pack the halves
+  return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+}
+EIGEN_ALWAYS_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+EIGEN_ALWAYS_INLINE void store8(bf16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16x8_bits(v));
+}
+/// Keeps the compiler from carrying values loaded from memory across this point (no instruction).
+EIGEN_ALWAYS_INLINE void compiler_barrier() { __asm__ __volatile__("" ::: "memory"); }
+
+/// kColumnBlock values from an L1 buffer to dst: non-temporal stores of whole cache lines where
+/// dst is 64-byte aligned, else plain stores. The AVX2 kernels compute a block's output rows into
+/// a buffer first so that every line is written whole: lines streamed in parts, with other rows'
+/// stores in between, made the Update backward about 3x slower on Zen 3
+/// (docs/performance_log.md). Like stream_row, the caller's task ends with stream_fence().
+template <typename Scalar>
+EIGEN_ALWAYS_INLINE void stream_line_block(Scalar* dst, const Scalar* src) {
+  constexpr int kBytes = kColumnBlock * int(sizeof(Scalar));
+#if defined(MHC_HAVE_STREAM_STORES)  // (MHC_NO_STREAM_STORES: plain stores, no fence needed)
+  if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
+    for (int b = 0; b < kBytes; b += 32)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(reinterpret_cast<char*>(dst) + b),
+                          _mm256_load_si256(reinterpret_cast<const __m256i*>(
+                              reinterpret_cast<const char*>(src) + b)));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, std::size_t(kBytes));
 }
 #endif
 
