@@ -15,10 +15,11 @@
 
 namespace mhc_bench {
 
-/// Independent FMA chains per thread: all the vector registers but the two constants. With 16
-/// registers (x86-64 without AVX-512) 16 chains left a and b no register, and g++ 12 reloaded
-/// spilled chains from the stack inside the loop: on a Zen 3 VM the peak read 55 GFLOP/s on one
-/// thread where a 12-chain loop read 80-90, and the Coefficients forward "ran" at 1.07 of it.
+/// Independent FMA chains per thread: 16, enough to cover the FMA latency on two or more pipes;
+/// 12 on x86-64 without AVX-512, whose 16 vector registers must also hold the two constants.
+/// There, 16 chains left a and b no register, and g++ 12 reloaded spilled chains from the stack
+/// inside the loop: on a Zen 3 VM the peak read 55 GFLOP/s on one thread where the 12-chain loop
+/// below reads 95-101, and the Coefficients forward "ran" at 1.07 of it.
 #if defined(__AVX512F__) || !(defined(__x86_64__) || defined(__i386__))
 inline constexpr int kFmaChains = 16;
 #else

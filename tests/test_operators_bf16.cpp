@@ -10,6 +10,13 @@
 //    gradient of one token sums to ~0 over each row of the Sinkhorn tangent space), so their
 //    scale is max over elements of sum_t |per-token term|, the size the fp32 rounding scales
 //    with; a result-relative scale made fresh seeds fail at n = 2 (1.4e-4 for d_b_res).
+//
+// Heap buffers are 64-byte aligned (Eigen aligns to 32 on AVX targets), so that the kernels'
+// streaming stores run here: rows whose stride is a multiple of 64 bytes take the streaming
+// branch, and the odd strides (C = 257) put rows on both sides of a line boundary.
+#ifndef EIGEN_MAX_ALIGN_BYTES
+#define EIGEN_MAX_ALIGN_BYTES 64
+#endif
 #include "support/catch.hpp"
 #include "support/ops_testing.hpp"
 
@@ -193,6 +200,10 @@ TEST_CASE("bf16 storage matches double within the stated tolerance", "[bf16]") {
   // rows of more than one job of the fused backward pass (2048 columns with the AVX-512 register
   // passes) and a partial last one; 21 tokens: partial chunks of 8 and 16 tokens
   storage_case<mhc::bf16, 4>(4, 2100, 21);
+  // whole 64-column blocks at n = 1, 2, 3 (the AVX2 kernels' odd-n and pair passes)
+  storage_case<mhc::bf16, 1>(1, 129, 5);
+  storage_case<mhc::bf16, 2>(2, 200, 5);
+  storage_case<mhc::bf16, 3>(3, 257, 5);
 }
 
 TEST_CASE("float storage matches double within the stated tolerance", "[float]") {
@@ -201,6 +212,9 @@ TEST_CASE("float storage matches double within the stated tolerance", "[float]")
   storage_case<float, 2>(2, 3, 9);
   storage_case<float, 4>(4, 257, 150);  // > 2 chunks of the fused backward pass (64 tokens)
   storage_case<float, 4>(4, 2100, 21);   // > 1 job per row and partial chunks (see above)
+  storage_case<float, 1>(1, 129, 5);     // whole blocks at n = 1, 2, 3 (see the bf16 case)
+  storage_case<float, 2>(2, 200, 5);
+  storage_case<float, 3>(3, 257, 5);
 }
 
 TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat16", "[bf16]") {
@@ -365,6 +379,11 @@ TEST_CASE("The AVX2 bf16 loads and stores agree bit for bit with the portable co
     mhc::detail::stream_fence();
     CHECK(std::memcmp(dst + offset, src, sizeof(src)) == 0);
     CHECK(std::memcmp(dst_bf16 + offset, src_bf16, sizeof(src_bf16)) == 0);
+    int outside = 0;  // nothing written before or after the block
+    for (int k = 0; k < B + 16; ++k) outside += (k < offset || k >= offset + B) && dst[k] != 0.f;
+    for (int k = 0; k < B + 32; ++k)
+      outside += (k < offset || k >= offset + B) && bits_of(dst_bf16[k]) != 0;
+    CHECK(outside == 0);
   }
 }
 #endif
@@ -372,12 +391,11 @@ TEST_CASE("The AVX2 bf16 loads and stores agree bit for bit with the portable co
 namespace {
 /// Update in place (X_out = X, d_X = d_X_out) against separate buffers, bit for bit, for a storage
 /// type (test_mixing covers this in double only; the float/bf16 register paths differ).
-template <typename S>
+template <typename S, int n>
 void update_in_place_case(Index C, Index T) {
   using R = mhc::compute_t<S>;
-  constexpr int n = 4;
   const auto seed = fresh_seed();
-  CAPTURE(seed, C, T, sizeof(S));
+  CAPTURE(seed, n, C, T, sizeof(S));
   Rng rng(seed);
   const RowMat<S> X = to<S>(random_matrix(rng, T * n, C));
   const RowMat<S> G = to<S>(random_matrix(rng, T * n, C));
@@ -402,8 +420,14 @@ void update_in_place_case(Index C, Index T) {
 
 TEST_CASE("Update in place equals separate buffers bit for bit (float, bf16)", "[bf16][float]") {
   for (const Index C : {64, 257, 1088}) {
-    update_in_place_case<float>(C, 9);
-    update_in_place_case<mhc::bf16>(C, 9);
+    update_in_place_case<float, 4>(C, 9);
+    update_in_place_case<mhc::bf16, 4>(C, 9);
+    update_in_place_case<float, 3>(C, 5);
+    update_in_place_case<mhc::bf16, 3>(C, 5);
+    update_in_place_case<float, 2>(C, 5);
+    update_in_place_case<mhc::bf16, 2>(C, 5);
+    update_in_place_case<float, 1>(C, 5);
+    update_in_place_case<mhc::bf16, 1>(C, 5);
   }
 }
 

@@ -40,7 +40,8 @@ struct PreMix {
   /// (backward_avx2_blocks). With float storage the generic path runs: the kernel measured
   /// 0.62-0.74 of memcpy on one thread against its 0.67-0.81 (C = 1024 / 4096 / 7168, Zen 3,
   /// three alternating bench_operators runs); bf16 went from 0.36-0.49 to 0.45-0.69.
-  static constexpr bool kAvx2Blocks = std::is_same<Scalar, bf16>::value && N != Dynamic && N <= 4;
+  static constexpr bool kAvx2Blocks = std::is_same<Scalar, bf16>::value && N != Dynamic &&
+                                      N <= 4 && detail::DotAccumulator<float>::kLanes == 8;
 #endif
 
 #if defined(MHC_HAVE_AVX512_KERNELS)
@@ -219,14 +220,14 @@ struct PreMix {
 #if defined(MHC_HAVE_AVX2_KERNELS)
   /// n <= 4, AVX2 + FMA: backward() over the full column blocks [0, full) of token t, each
   /// block row by row, the n dot-product accumulators in registers over the whole row (their
-  /// lanes become the DotAccumulator lanes). The same products and FMAs in the same column order as
-  /// the generic path.
+  /// lanes become the DotAccumulator lanes). Each lane adds its columns in the generic path's
+  /// order, as fused multiply-adds.
   template <typename Ahead>
   static void backward_avx2_blocks(const ConstBatchRef<Scalar>& X, const Real* hp,
                                    const ConstBatchRef<Scalar>& d_u, BatchRef<Scalar>& d_X,
                                    Index t, Index full, const Ahead& ahead,
                                    detail::DotAccumulator<Real>* dhp) {
-    static_assert(kAvx2Blocks && detail::DotAccumulator<Real>::kLanes == 8, "AVX2 float path");
+    static_assert(kAvx2Blocks, "AVX2 float path");
     __m256 acc[N];
     for (int i = 0; i < N; ++i) acc[i] = _mm256_setzero_ps();
     for (Index c0 = 0; c0 < full; c0 += detail::kColumnBlock) {
@@ -271,8 +272,10 @@ struct Update {
 #endif
 #if defined(MHC_HAVE_AVX2_KERNELS)
   /// Full column blocks of a fixed small n run in AVX2 registers, float or bf16 storage
-  /// (forward_avx2_blocks, backward_avx2_blocks).
-  static constexpr bool kAvx2Blocks = std::is_same<Real, float>::value && N != Dynamic && N <= 4;
+  /// (forward_avx2_block, backward_avx2_blocks; not with EIGEN_DONT_VECTORIZE, whose
+  /// DotAccumulator has one lane).
+  static constexpr bool kAvx2Blocks = std::is_same<Real, float>::value && N != Dynamic &&
+                                      N <= 4 && detail::DotAccumulator<float>::kLanes == 8;
 #endif
 
   /// X_out (T*n, C) = H_res X + h_post y^T per token. X_out may be X itself (same data and row
@@ -680,10 +683,11 @@ struct Update {
   /// of token t. Per 64-column block (in L1 after the first pass) the n*n + n dot products run
   /// in passes that keep their accumulators in registers: two columns j of d_H_res at a time
   /// (2n accumulators, n packets of G and two of X: <= 14 registers), then d_h_post; a last pass
-  /// computes d_y = G^T h_post and d_X = H_res^T G, 16 columns at a time, loading each step's
-  /// columns of G before it writes d_X there (in-place d_X). Every accumulator lane adds its
-  /// columns in the generic path's order, with the same products and fused multiply-adds, and
-  /// the lanes become the DotAccumulator lanes (the tail and total() follow as elsewhere).
+  /// computes d_y = G^T h_post and d_X = H_res^T G, 16 columns at a time, into an L1 buffer that
+  /// goes out as whole lines (stream_line_block) after the block's last read of G (in-place
+  /// d_X). Every accumulator lane adds its columns in the generic path's order, as fused
+  /// multiply-adds, and the lanes become the DotAccumulator lanes (the tail and total() follow
+  /// as elsewhere).
   template <typename Ahead>
   static void backward_avx2_blocks(const ConstBatchRef<Scalar>& X, const ConstBatchRef<Scalar>& y,
                                    const ConstBatchRef<Scalar>& d_X_out, BatchRef<Scalar>& d_X,
@@ -691,7 +695,7 @@ struct Update {
                                    Index full, const Ahead& ahead,
                                    detail::DotAccumulator<Real>* dH,
                                    detail::DotAccumulator<Real>* dhq) {
-    static_assert(kAvx2Blocks && detail::DotAccumulator<Real>::kLanes == 8, "AVX2 float path");
+    static_assert(kAvx2Blocks, "AVX2 float path");
     constexpr int kB = detail::kColumnBlock;
     __m256 aH[N * N], ahq[N];
     for (int k = 0; k < N * N; ++k) aH[k] = _mm256_setzero_ps();
