@@ -644,9 +644,9 @@ struct Update {
   /// n <= 4, AVX2 + FMA: forward() on the full 64-column block at c0 of token t, 16 columns per
   /// step (the n rows' two packets, two of y, two results and a broadcast: <= 13 registers); for
   /// float into an L1 buffer, then the block's n rows out as whole lines (stream_line_block;
-  /// 1.0-1.25 -> 1.13-1.44 of memcpy, three alternating bench_operators runs on Zen 3). The same
-  /// products and sums per column as the generic path, as fused multiply-adds; the block is read
-  /// before any of it is written (in-place update).
+  /// medians 0.96-1.31 -> 1.13-1.44 of memcpy, three alternating bench_operators runs on Zen 3,
+  /// against direct stores). The same products and sums per column as the generic path, as
+  /// fused multiply-adds; the block is read before any of it is written (in-place update).
   static void forward_avx2_block(const ConstBatchRef<Scalar>& X, const Real* H, const Real* hq,
                                  const ConstBatchRef<Scalar>& y, BatchRef<Scalar>& X_out, Index t,
                                  Index c0) {
