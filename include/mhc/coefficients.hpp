@@ -155,7 +155,15 @@ struct CoefficientKernels {
   // compile-time M, a full strip goes over each chunk in kPasses passes of at most kPassLimit
   // coefficients; each pass holds its part of the strip's W block and of its d_W accumulators
   // in registers (2 x 12 of 32 for M = 24), so one broadcast of g_t[m] feeds both FMAs.
-  static constexpr bool kRegisterPasses = N != Dynamic && kPacket == 16;
+  // With AVX2 + FMA (16 registers of 8 floats; float compute type) the same passes hold at most
+  // 6 coefficients (2 x 6 of 16 registers, plus X, the d_X sums and the broadcast): M = 24 in 4
+  // passes. Without them the portable loop keeps M = 24 accumulators in 16 registers and spills.
+#if defined(MHC_HAVE_AVX2_KERNELS)
+  static constexpr bool kAvx2Passes = std::is_same<Real, float>::value && kPacket == 8;
+#else
+  static constexpr bool kAvx2Passes = false;
+#endif
+  static constexpr bool kRegisterPasses = N != Dynamic && (kPacket == 16 || kAvx2Passes);
   // The fused d_X / d_W pass: columns of X per job, tokens per chunk, and how far ahead in its
   // token's row each strip-token step prefetches X and d_X (the next line). With the register
   // passes a job takes 2048 columns (8 KB of a float row, 4 KB of a bf16 row) in chunks of 8
@@ -167,6 +175,12 @@ struct CoefficientKernels {
                                       : std::is_same<Scalar, float>::value ? 8
                                                                            : 16;
   static constexpr int kPrefetchBytes = 64;
+  // Line staging (AVX2 register passes, see grad_block): a chunk's tokens are read and written
+  // one 64-byte span of columns (kLineColumns: 16 float, 32 bf16) at a time through an L1
+  // buffer, and the kLineStrips strips of the span run their passes on the buffer.
+  static constexpr bool kLineStaging = kAvx2Passes && N != Dynamic;
+  static constexpr int kLineColumns = 64 / int(sizeof(Scalar));
+  static constexpr int kLineStrips = kLineColumns / kPacket;
   // Whether a full strip of a chunk runs as two passes (d_W, then d_X; see grad_block): for bf16
   // storage with a compile-time n (paired A/B 1.035-1.069x; float 0.87-1.02x, so not there).
   static constexpr bool kTwoPass = N != Dynamic && !std::is_same<Scalar, Real>::value;
@@ -412,6 +426,11 @@ struct CoefficientKernels {
       (void)buf;
       return bf16x16_load(src);
 #endif
+#if defined(MHC_HAVE_AVX2_KERNELS)
+    } else if constexpr (kAvx2Passes) {
+      (void)buf;
+      return load8(src);
+#endif
     } else {
       Eigen::Map<Eigen::Array<Real, 1, kPacket>>(buf, kPacket) =
           load_row<Real, kPacket>(src, kPacket);
@@ -428,6 +447,11 @@ struct CoefficientKernels {
     } else if constexpr (kPacket == 16) {
       (void)buf;
       bf16x16_store(dst, value);
+#endif
+#if defined(MHC_HAVE_AVX2_KERNELS)
+    } else if constexpr (kAvx2Passes) {
+      (void)buf;
+      store8(dst, value);
 #endif
     } else {
       Eigen::internal::pstoreu(buf, value);
@@ -468,7 +492,7 @@ struct CoefficientKernels {
     (void)n;
   }
 
-  static constexpr int kPassLimit = 12;
+  static constexpr int kPassLimit = kAvx2Passes ? 6 : 12;
   static constexpr int kPasses = kFixedM > 0 ? (kFixedM + kPassLimit - 1) / kPassLimit : 1;
   static constexpr int kPassM = kFixedM > 0 ? (kFixedM + kPasses - 1) / kPasses : 1;
   // partial sums of a token's d_X within a pass (independent FMA chains)
@@ -480,7 +504,9 @@ struct CoefficientKernels {
   /// d_X_old - beta_t v_t; a pass that is not the last leaves the sum (float, not rounded) in
   /// dxbuf and the first one X (in the compute type) in vbuf, where the next pass picks them up;
   /// the last one writes d_X. d_W accumulates in token order as in the single loop (bit for bit).
-  template <int P>
+  /// Staged (kLineStaging): X and the started d_X sums are already in vbuf and dxbuf, and the
+  /// last pass leaves its sums there too; X and d_X are not touched.
+  template <int P, bool Staged>
   static void grad_strip_pass(const ConstBatchRef<Scalar>& X, BatchRef<Scalar>& d_X, int n, int i,
                               Index col, Index t0, Index t1, const Real* wp, Real* dwp,
                               const Real* g, Index ldg, Index beta_offset, bool prefetch_next,
@@ -488,7 +514,7 @@ struct CoefficientKernels {
     using namespace Eigen::internal;
     constexpr int m0 = P * kPassM;
     constexpr int MP = std::min(kPassM, kFixedM - m0);
-    constexpr bool kFirst = P == 0, kLast = P == kPasses - 1;
+    constexpr bool kFirst = P == 0 && !Staged, kLast = P == kPasses - 1 && !Staged;
     constexpr int D = std::min(kDxChains, MP);
     [[maybe_unused]] alignas(64) Real buf[kPacket];
     Packet wr[MP], acc[MP];
@@ -546,13 +572,13 @@ struct CoefficientKernels {
   }
 
   /// All passes of a full strip, in order.
-  template <int... P>
+  template <bool Staged, int... P>
   static void grad_strip_passes(std::integer_sequence<int, P...>, const ConstBatchRef<Scalar>& X,
                                 BatchRef<Scalar>& d_X, int n, int i, Index col, Index t0, Index t1,
                                 const Real* wp, Real* dwp, const Real* g, Index ldg,
                                 Index beta_offset, bool prefetch_next, Real* vbuf, Real* dxbuf) {
-    (grad_strip_pass<P>(X, d_X, n, i, col, t0, t1, wp, dwp, g, ldg, beta_offset, prefetch_next,
-                        vbuf, dxbuf),
+    (grad_strip_pass<P, Staged>(X, d_X, n, i, col, t0, t1, wp, dwp, g, ldg, beta_offset,
+                                prefetch_next, vbuf, dxbuf),
      ...);
   }
 
@@ -609,6 +635,20 @@ struct CoefficientKernels {
   /// (16 float tokens: faster on 1 thread, slower on 2). One core reads X and d_X at 13-14 GB/s at
   /// most, so the float pass is within 1.2-1.4x of reading its inputs once.
   ///
+  /// With AVX2 + FMA (kAvx2Passes: 16 registers of 8 floats) the same passes take at most 6
+  /// coefficients each (M = 24: 4 passes), with line staging (kLineStaging): each 64-byte span
+  /// of columns (16 float, 32 bf16: 2 or 4 strips) of the chunk's rows is read once into two L1
+  /// buffers (X in the compute type, and d_X_old - beta_t v_t), the span's strips run all their
+  /// passes on the buffers, and the span of d_X is written back whole. The chunk's rows share
+  /// one L1 set (above): unstaged, each strip of a line read it again from L2, and the last
+  /// pass's store of d_X missed L1 (11% of grad_block's samples on that one store, perf, Zen 3).
+  /// The same operations in the same order as the unstaged passes (bit for bit; scratch check
+  /// over n = 1..4 and 12 values of C). bench_operators on the Zen 3 VM of
+  /// docs/performance_log.md, medians of three alternating runs against the portable loop:
+  /// float 0.41-0.49 -> 0.53-0.62 of the roofline, bf16 0.30-0.34 -> 0.54-0.63; staging alone,
+  /// best of eight repetitions: float 1.05-1.14x, bf16 1.30-1.44x. Chunks of 4 or 32 tokens and
+  /// prefetches 128 or 256 B ahead, or into L1, measured within the noise or slower.
+  ///
   /// Otherwise (no AVX-512: 16 registers; a run-time n; the row's last, narrower strip), with
   /// kTwoPass (bf16, compile-time n) a full strip goes over the chunk twice: first d_W (the
   /// accumulators in registers, X converted once into a chunk buffer), then d_X (the M x kPacket
@@ -636,6 +676,8 @@ struct CoefficientKernels {
     // the register passes' chunk buffers (X in the compute type, the d_X sums between passes)
     [[maybe_unused]] alignas(64) Real vbuf[kRegisterPasses ? TC * kPacket : 1];
     [[maybe_unused]] alignas(64) Real dxbuf[kRegisterPasses ? TC * kPacket : 1];
+    [[maybe_unused]] alignas(64) Real lvbuf[kLineStaging ? TC * kLineColumns : 1];
+    [[maybe_unused]] alignas(64) Real ldxbuf[kLineStaging ? TC * kLineColumns : 1];
     // strips at byte offsets below this have a line of the block kPrefetchBytes further on
     const Index prefetch_end = w * Index(sizeof(Scalar)) - kPrefetchBytes;
     for (Index t0 = 0; t0 < T; t0 += TC) {
@@ -645,10 +687,44 @@ struct CoefficientKernels {
         const Real* wp = Wp + (Index(i) * Cp + c0 + s) * M;
         Real* dwp = dWp + (Index(i) * Cp + c0 + s) * M;
         const bool prefetch_next = s * Index(sizeof(Scalar)) < prefetch_end;
+        if constexpr (kLineStaging) {
+          if (s + kLineColumns <= w) {
+            // stage the chunk's kLineColumns columns of X and of d_X_old - beta_t v_t
+            for (Index t = t0; t < t1; ++t) {
+              const Scalar* src = detail::at(X, t * n + i, c0 + s);
+              const Scalar* dst = detail::at(d_X, t * n + i, c0 + s);
+              if (prefetch_next) {
+                prefetch<2>(reinterpret_cast<const char*>(src) + kPrefetchBytes);
+                prefetch<2>(reinterpret_cast<const char*>(dst) + kPrefetchBytes);
+              }
+              const Packet nbeta = pset1<Packet>(-g[t * ldg + beta_offset]);
+              for (int q = 0; q < kLineStrips; ++q) {
+                const Index at = (q * TC + (t - t0)) * kPacket;
+                const Packet v = load_packet(src + q * kPacket, buf);
+                pstore(lvbuf + at, v);
+                pstore(ldxbuf + at, pmadd(nbeta, v, load_packet(dst + q * kPacket, buf)));
+              }
+            }
+            for (int q = 0; q < kLineStrips; ++q)
+              grad_strip_passes<true>(std::make_integer_sequence<int, kPasses>(), X, d_X, n, i,
+                                      c0 + s + q * kPacket, t0, t1, wp + q * kPacket * M,
+                                      dwp + q * kPacket * M, g, ldg, beta_offset, false,
+                                      lvbuf + q * TC * kPacket, ldxbuf + q * TC * kPacket);
+            for (Index t = t0; t < t1; ++t) {
+              Scalar* dst = detail::at(d_X, t * n + i, c0 + s);
+              for (int q = 0; q < kLineStrips; ++q)
+                store_packet(dst + q * kPacket,
+                             pload<Packet>(ldxbuf + (q * TC + (t - t0)) * kPacket), buf);
+            }
+            s += kLineColumns - kPacket;
+            continue;
+          }
+        }
         if constexpr (kRegisterPasses) {
           if (ws == kPacket) {
-            grad_strip_passes(std::make_integer_sequence<int, kPasses>(), X, d_X, n, i, c0 + s, t0,
-                              t1, wp, dwp, g, ldg, beta_offset, prefetch_next, vbuf, dxbuf);
+            grad_strip_passes<false>(std::make_integer_sequence<int, kPasses>(), X, d_X, n, i,
+                                     c0 + s, t0, t1, wp, dwp, g, ldg, beta_offset, prefetch_next,
+                                     vbuf, dxbuf);
             continue;
           }
         }
