@@ -29,8 +29,8 @@
 //   g = dz / r;   dW = sum_t v_t^T g_t;   dv_t = W g_t - v_t (z_t . g_t) / (nC r_t)   (d_X +=)
 //   d_alpha = sum_t sum(da_t * z_t) per group;   d_b = sum_t da_t.
 // d_X and d_W come from ONE fused pass over X and d_X: each job owns a block of K = nC (2048
-// columns of one stream row with AVX-512, else 2 KB of them) and walks all tokens in token order
-// (see grad_block).
+// columns of one stream row with the register passes of AVX-512 or AVX2 + FMA and a fixed n,
+// else 2 KB of them) and walks all tokens in token order (see grad_block).
 //
 // Cache: the forward writes r (T, 1) and z (T, M) (M + 1 values per token, caller-owned); the
 // backward reads them and recomputes the Sinkhorn iterates per token (no t_max * n^2 storage).
@@ -649,7 +649,8 @@ struct CoefficientKernels {
   /// best of eight repetitions: float 1.05-1.14x, bf16 1.30-1.44x. Chunks of 4 or 32 tokens and
   /// prefetches 128 or 256 B ahead, or into L1, measured within the noise or slower.
   ///
-  /// Otherwise (no AVX-512: 16 registers; a run-time n; the row's last, narrower strip), with
+  /// Otherwise (no register passes: double, a run-time n, or neither AVX-512 nor AVX2 + FMA;
+  /// the row's last, narrower strip), with
   /// kTwoPass (bf16, compile-time n) a full strip goes over the chunk twice: first d_W (the
   /// accumulators in registers, X converted once into a chunk buffer), then d_X (the M x kPacket
   /// block of W in registers, X from that buffer); the same operations in the same order, so the
