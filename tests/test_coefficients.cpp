@@ -239,9 +239,10 @@ void mapping_gradient_case(Mapping m, int n, Index C, Index T, bool is_static) {
         flat(X), flat(dX), rng, 1e-6, fd_coords(60));
     CAPTURE(gX.worst, gX.analytic, gX.numeric);
     CHECK(gX.max_error < 1e-6);
-    // float storage and compute against this double backward (same r, z): with AVX-512 and a
-    // compile-time n the fused d_X / d_W pass runs its register passes (HC n = 4: M = 24, two
-    // passes; mHC-lite n = 4: M = 32, three; n = 2, 3: one), elsewhere the portable loop.
+    // float storage and compute against this double backward (same r, z): with AVX-512 or AVX2
+    // + FMA and a compile-time n the fused d_X / d_W pass runs its register passes (at most 12
+    // coefficients per pass with AVX-512, 6 with AVX2: HC n = 4, M = 24: two or four passes;
+    // mHC-lite n = 4, M = 32: three or six), elsewhere the portable loop.
     CoefParamsView<float> pf(p);
     Padded<float> Xf(X.rows(), X.cols(), pad), dXf(X.rows(), X.cols(), pad);
     Xf.assign(X);

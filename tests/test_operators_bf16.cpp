@@ -196,25 +196,40 @@ TEST_CASE("bf16 storage matches double within the stated tolerance", "[bf16]") {
   storage_case<mhc::bf16, mhc::Dynamic>(2, 3, 9);
   storage_case<mhc::bf16, 8>(8, 64, 5);
   storage_case<mhc::bf16, 1>(1, 1, 1);
-  storage_case<mhc::bf16, 4>(4, 257, 150);  // > 2 chunks of the fused backward pass (64 tokens)
-  // rows of more than one job of the fused backward pass (2048 columns with the AVX-512 register
-  // passes) and a partial last one; 21 tokens: partial chunks of 8 and 16 tokens
+  storage_case<mhc::bf16, 4>(4, 257, 150);  // > 2 chunks of the fused backward pass (64 tokens,
+                                            // or 16 with the register passes)
+  // rows of more than one job of the fused backward pass (2048 columns with the AVX-512 or AVX2
+  // register passes) and a partial last one; 21 tokens: partial chunks of 8 and 16 tokens
   storage_case<mhc::bf16, 4>(4, 2100, 21);
   // whole 64-column blocks at n = 1, 2, 3 (the AVX2 kernels' odd-n and pair passes)
   storage_case<mhc::bf16, 1>(1, 129, 5);
   storage_case<mhc::bf16, 2>(2, 200, 5);
   storage_case<mhc::bf16, 3>(3, 257, 5);
+  // the Coefficients backward's AVX2 line staging (64-byte spans: 32 bf16 columns) over several
+  // token chunks (16 bf16 tokens) at n = 1, 2, 3, and rows shorter than a span (register passes
+  // on 8-column strips, never staged)
+  storage_case<mhc::bf16, 1>(1, 100, 37);
+  storage_case<mhc::bf16, 2>(2, 72, 35);
+  storage_case<mhc::bf16, 3>(3, 40, 19);
+  storage_case<mhc::bf16, 2>(2, 20, 17);
 }
 
 TEST_CASE("float storage matches double within the stated tolerance", "[float]") {
   storage_case<float, 4>(4, 257, 33);
   storage_case<float, mhc::Dynamic>(8, 64, 5);
   storage_case<float, 2>(2, 3, 9);
-  storage_case<float, 4>(4, 257, 150);  // > 2 chunks of the fused backward pass (64 tokens)
+  storage_case<float, 4>(4, 257, 150);  // > 2 chunks of the fused backward pass (64 tokens,
+                                        // or 8 with the register passes)
   storage_case<float, 4>(4, 2100, 21);   // > 1 job per row and partial chunks (see above)
   storage_case<float, 1>(1, 129, 5);     // whole blocks at n = 1, 2, 3 (see the bf16 case)
   storage_case<float, 2>(2, 200, 5);
   storage_case<float, 3>(3, 257, 5);
+  // AVX2 line staging (16 float columns per span, chunks of 8 tokens) over several chunks at
+  // n = 1, 2, 3, and rows shorter than a span (see the bf16 case)
+  storage_case<float, 1>(1, 100, 19);
+  storage_case<float, 2>(2, 72, 17);
+  storage_case<float, 3>(3, 40, 11);
+  storage_case<float, 2>(2, 12, 9);
 }
 
 TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat16", "[bf16]") {

@@ -597,8 +597,9 @@ struct CoefficientKernels {
   /// DRAM is left to the hardware prefetchers, which follow the rows. At the end the block of dWp
   /// goes to d_W.
   ///
-  /// With kRegisterPasses (AVX-512: 32 registers of 16 floats; a compile-time n), a full strip goes
-  /// over the chunk in kPasses = ceil(M / 12) passes of at most 12 coefficients instead
+  /// With kRegisterPasses (AVX-512: 32 registers of 16 floats; a compile-time n; for AVX2 see
+  /// below: 6 instead of 12), a full strip goes over the chunk in kPasses = ceil(M / 12) passes
+  /// of at most 12 coefficients instead
   /// (grad_strip_pass; M = 24: m in [0, 12), then [12, 24)): the pass's 12 packets of W and its 12
   /// d_W accumulators stay in registers over the chunk, so per token one broadcast of g_t[m] feeds
   /// both FMAs (d_W[m] += g_t[m] v_t and the d_X sum += g_t[m] W[m]): about 29 loads per 49 FMAs
@@ -644,10 +645,12 @@ struct CoefficientKernels {
   /// pass's store of d_X missed L1 (11% of grad_block's samples on that one store, perf, Zen 3).
   /// The same operations in the same order as the unstaged passes (bit for bit; scratch check
   /// over n = 1..4 and 12 values of C). bench_operators on the Zen 3 VM of
-  /// docs/performance_log.md, medians of three alternating runs against the portable loop:
+  /// docs/performance_log.md, medians of three alternating runs against the code before:
   /// float 0.41-0.49 -> 0.53-0.62 of the roofline, bf16 0.30-0.34 -> 0.54-0.63; staging alone,
-  /// best of eight repetitions: float 1.05-1.14x, bf16 1.30-1.44x. Chunks of 4 or 32 tokens and
-  /// prefetches 128 or 256 B ahead, or into L1, measured within the noise or slower.
+  /// best of eight repetitions: float 1.05-1.14x, bf16 1.30-1.44x. Chunks of 4 float or 4, 8 or
+  /// 32 bf16 tokens and prefetches 128 or 256 B ahead, or into L1, measured within the noise or
+  /// slower. With staging the staging loop, not the first pass, prefetches the next line. For bf16
+  /// the passes replace the two-pass strip (kTwoPass), which gives the single loop's results.
   ///
   /// Otherwise (no register passes: double, a run-time n, or neither AVX-512 nor AVX2 + FMA;
   /// the row's last, narrower strip), with
