@@ -638,9 +638,10 @@ struct CoefficientKernels {
   ///
   /// With AVX2 + FMA (kAvx2Passes: 16 registers of 8 floats) the same passes take at most 6
   /// coefficients each (M = 24: 4 passes), with line staging (kLineStaging): each 64-byte span
-  /// of columns (16 float, 32 bf16: 2 or 4 strips) of the chunk's rows is read once into two L1
-  /// buffers (X in the compute type, and d_X_old - beta_t v_t), the span's strips run all their
-  /// passes on the buffers, and the span of d_X is written back whole. The chunk's rows share
+  /// of columns (16 float, 32 bf16: 2 or 4 strips) of the chunk's rows (one span at a time, not
+  /// the whole block as in the staging tried above) is read once into two L1 buffers (X in the
+  /// compute type, and d_X_old - beta_t v_t), the span's strips run all their passes on the
+  /// buffers, and the span of d_X is written back whole. The chunk's rows share
   /// one L1 set (above): unstaged, each strip of a line read it again from L2, and the last
   /// pass's store of d_X missed L1 (11% of grad_block's samples on that one store, perf, Zen 3).
   /// The same operations in the same order as the unstaged passes (bit for bit; scratch check
@@ -653,8 +654,8 @@ struct CoefficientKernels {
   /// the passes replace the two-pass strip (kTwoPass), which gives the single loop's results.
   ///
   /// Otherwise (no register passes: double, a run-time n, or neither AVX-512 nor AVX2 + FMA;
-  /// the row's last, narrower strip), with
-  /// kTwoPass (bf16, compile-time n) a full strip goes over the chunk twice: first d_W (the
+  /// the row's last, narrower strip), with kTwoPass (bf16, compile-time n) a full strip goes
+  /// over the chunk twice: first d_W (the
   /// accumulators in registers, X converted once into a chunk buffer), then d_X (the M x kPacket
   /// block of W in registers, X from that buffer); the same operations in the same order, so the
   /// results are bit for bit those of the single pass, and W is loaded once per chunk, not per
