@@ -2,10 +2,10 @@
 // the same process: how much of the peak each kernel's own instruction mix reaches before any
 // DRAM traffic. bench_operators measures the whole operators from DRAM; the gap between the two
 // is the memory walk, and a kernel's rate here bounds its operator's vs_fma_peak there.
-//  - float/ProjectionTile/L1 (AVX-512 targets): the forward's register tile
-//    (detail/projection_avx512.hpp, 8 tokens x 24 outputs, n = 4) over 64 columns of its 8 rows
-//    of X and the 64 rows of W it reads (2 KB + 6 KB), 4096 times per iteration;
-//    2 x 8 x 64 x (24 + 1) flops per call (product and sum of squares).
+//  - float/ProjectionTile/L1 (AVX-512 or AVX2 + FMA targets): the forward's register tile
+//    (detail/projection_avx512.hpp or detail/projection_avx2.hpp, 8 tokens x 24 outputs, n = 4)
+//    over 64 columns of its 8 rows of X and the 64 rows of W it reads (2 KB + 6 KB), 4096 times
+//    per iteration; 2 x 8 x 64 x (24 + 1) flops per call (product and sum of squares).
 //  - {float,bf16}/CoefficientProjection/L2: the whole forward projection of Coefficients::forward
 //    (forward_tile: the tile above over every block of the tokens' rows, with its X and W
 //    prefetches, the bf16 conversion and r, z) for two tiles of tokens (16 with AVX-512) at
@@ -66,10 +66,14 @@ void time_against_peak(benchmark::State& state, double flops, double bytes, doub
   state.counters["vs_fma_peak"] = benchmark::Counter(peak_s, benchmark::Counter::kIsRate);
 }
 
-#if defined(MHC_HAVE_AVX512_KERNELS)
+#if defined(MHC_HAVE_AVX512_KERNELS) || defined(MHC_HAVE_AVX2_KERNELS)
 void BM_projection_tile(benchmark::State& state) {
   constexpr int kTokens = 8, kColumns = 64, kCalls = 4096;
+#if defined(MHC_HAVE_AVX512_KERNELS)
   using Tile = mhc::detail::ProjectionTileAvx512<kTokens, kM>;
+#else
+  using Tile = mhc::detail::ProjectionTileAvx2<kTokens, kM>;
+#endif
   alignas(64) float x[kTokens][kColumns];
   alignas(64) float w[kColumns * kM];
   fill(&x[0][0], kTokens * kColumns, 1, 1.f);
@@ -173,7 +177,7 @@ void BM_coefficient_grad(benchmark::State& state) {
 }  // namespace
 
 int main(int argc, char** argv) {
-#if defined(MHC_HAVE_AVX512_KERNELS)
+#if defined(MHC_HAVE_AVX512_KERNELS) || defined(MHC_HAVE_AVX2_KERNELS)
   benchmark::RegisterBenchmark("float/ProjectionTile/L1", BM_projection_tile)->UseRealTime();
 #endif
   benchmark::RegisterBenchmark("float/CoefficientProjection/L2", BM_coefficient_projection<float>)

@@ -12,11 +12,12 @@
 // MhcLiteVariant (sigmoid gates, H_res = sum_k softmax(alpha_res z_res + b_res)_k P_k). The
 // projection, norm, d_X / d_W backward and static-only mode below are the same for all of them.
 //
-// v W and sum(v^2) come from ONE pass over X (12 tokens at a time for mHC with n = 4, so each row
-// of W read from cache serves 12 tokens; with AVX-512 the register tile of
+// v W and sum(v^2) come from ONE pass over X (a tile of tokens at a time, so each row of W read
+// from cache serves the whole tile; with AVX-512 the register tile of
 // detail/projection_avx512.hpp takes 8 tokens and two rows of W per step, interleaved so that
-// every FMA is 16 lanes wide and one broadcast of a token's two values feeds M / 8 FMAs; X is
-// prefetched 1 KB ahead per row in the tile's walking order, W 8 rows ahead); the norm is
+// every FMA is 16 lanes wide and one broadcast of a token's two values feeds M / 8 FMAs; with
+// AVX2 + FMA the tile of detail/projection_avx2.hpp takes 8 tokens in register sub-tiles of 4;
+// with either, X is prefetched 1 KB ahead per row in the tile's walking order); the norm is
 // applied after the product. The per-token mappings are the shared MHC_HOST_DEVICE
 // kernels of detail/coefficient_kernel.hpp and detail/variant_kernel.hpp (the CUDA operators use
 // the same ones), run for one SIMD register of tokens at a time (structure of arrays) when n is
@@ -54,6 +55,7 @@
 
 #include "mhc/detail/coefficient_kernel.hpp"
 #include "mhc/detail/operator_support.hpp"
+#include "mhc/detail/projection_avx2.hpp"
 #include "mhc/detail/projection_avx512.hpp"
 #include "mhc/mixing.hpp"
 #include "mhc/variants.hpp"
@@ -146,8 +148,15 @@ struct CoefficientKernels {
 #else
   static constexpr bool kAvx512Projection = false;
 #endif
-  static constexpr int kTileTokens =  // tokens per tile of the forward projection (n = 4: 12, or
-                                      // 8 with the AVX-512 tile)
+  // ... or the AVX2 + FMA register tile of detail/projection_avx2.hpp (the same conditions).
+#if defined(MHC_HAVE_AVX2_KERNELS)
+  static constexpr bool kAvx2Projection = std::is_same<Real, float>::value && N != Dynamic &&
+                                          Mapping::coefficient_count(N > 0 ? N : 1) % 8 == 0;
+#else
+  static constexpr bool kAvx2Projection = false;
+#endif
+  static constexpr int kTileTokens =  // tokens per tile of the forward projection (n = 4: 8,
+                                      // or 12 for the portable tile with 16-float packets)
       N == Dynamic         ? 8
       : kAvx512Projection ? std::max(1, std::min(12, 24 / (Mapping::coefficient_count(N) / 8)))
                           : std::max(1, std::min(12, 24 / kAccPackets));
@@ -313,10 +322,18 @@ struct CoefficientKernels {
   /// Projection width for a compile-time n (0 for Dynamic).
   static constexpr int kFixedM = N == Dynamic ? 0 : Mapping::coefficient_count(N > 0 ? N : 1);
 
+  /// Whether a register tile serves a tile of TB tokens: the AVX-512 one
+  /// (detail/projection_avx512.hpp) or the AVX2 one (detail/projection_avx2.hpp).
 #if defined(MHC_HAVE_AVX512_KERNELS)
-  /// Whether the AVX-512 register tile (detail/projection_avx512.hpp) serves a tile of TB tokens.
   template <int TB>
-  static constexpr bool kAvx512Tile = kAvx512Projection && TB * (kFixedM / 8) <= 24;
+  static constexpr bool kRegisterTile = kAvx512Projection && TB * (kFixedM / 8) <= 24;
+  template <int TB>
+  using RegisterTile = ProjectionTileAvx512<TB, kFixedM>;
+#elif defined(MHC_HAVE_AVX2_KERNELS)
+  template <int TB>
+  static constexpr bool kRegisterTile = kAvx2Projection;
+  template <int TB>
+  using RegisterTile = ProjectionTileAvx2<TB, kFixedM>;
 #endif
 
   /// Projection for tokens [t0, t0 + TB): the product and sum of squares in one pass over their
@@ -328,9 +345,9 @@ struct CoefficientKernels {
     const Index C = X.cols();
     const int M = Mapping::coefficient_count(n);
     const Index ldw = p.W.outerStride();
-#if defined(MHC_HAVE_AVX512_KERNELS)
-    if constexpr (kAvx512Tile<TB>) {
-      ProjectionTileAvx512<TB, kFixedM> tile;
+#if defined(MHC_HAVE_AVX512_KERNELS) || defined(MHC_HAVE_AVX2_KERNELS)
+    if constexpr (kRegisterTile<TB>) {
+      RegisterTile<TB> tile;
       tile.set_zero();
       for (int i = 0; i < n; ++i) {
         for_each_column_block(C, [&](Index c0, auto, Index w) {
@@ -354,9 +371,14 @@ struct CoefficientKernels {
             if constexpr (std::is_same<Scalar, float>::value) {
               v[t] = src;
             } else {
-              if (w == kColumnBlock) {  // a full block: 16 at a time (exact)
+              if (w == kColumnBlock) {  // a full block: a vector at a time (exact)
+#if defined(MHC_HAVE_AVX512_KERNELS)
                 for (int q = 0; q < kColumnBlock; q += 16)
                   _mm512_store_ps(converted[t] + q, bf16x16_load(src + q));
+#else
+                for (int q = 0; q < kColumnBlock; q += 8)
+                  _mm256_store_ps(converted[t] + q, load8(src + q));
+#endif
               } else {
                 bf16_to_float(src, converted[t], w);
               }

@@ -1,7 +1,8 @@
 // detail/projection_avx512.hpp: the AVX-512 register kernel of the coefficient projection (float
 // compute type, M a multiple of 8 outputs per token, e.g. M = 24 for mHC / HC with n = 4 and
 // M = 32 for mHC-lite with n = 4). Used by Coefficients::forward where the target has AVX-512F;
-// elsewhere the portable Eigen-packet tile of coefficients.hpp runs instead.
+// with AVX2 + FMA only, detail/projection_avx2.hpp runs; elsewhere the portable Eigen-packet tile
+// of coefficients.hpp.
 //
 // acc_t (M) += W[k, :] * v_t[k] for a tile of TB tokens, two rows k, k+1 of W at a time, every
 // output group of 8 in one 16-lane vector whose even lanes take row k and odd lanes row k+1:
