@@ -2,7 +2,8 @@
 // written independently in double, backward against central finite differences in double for X,
 // W, alpha (3), b_pre, b_post and b_res; static-only mode; argument errors. The same for the HC
 // and mHC-lite mappings (Coefficients<S, N, HcVariant / MhcLiteVariant>), whose forward is also
-// checked in float storage against the double reference.
+// checked in float storage against the double reference. Where the AVX2 kernels compile in, the
+// AVX2 projection tile against the portable tile's accumulator, bit for bit.
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -466,3 +467,59 @@ TEST_CASE("Coefficients reject bad arguments before writing anything", "[coeffic
   CHECK(bw_untouched());
   CHECK((hp == hp1 && hq == hq1 && H == H1 && r == r1 && z == z1));
 }
+
+#if defined(MHC_HAVE_AVX2_KERNELS)
+namespace {
+
+/// The AVX2 projection tile against the portable tile's accumulator (SplitAccumulator::fma, one
+/// row at a time): the same FMAs in the same order, so every projection value is bit for bit
+/// the same; the lane-wise sum of squares against double. Several blocks of w rows per tile,
+/// w = 1 .. 64 (the masked rest of the sum of squares), rows of W padded (ldw > M).
+template <int TB, int M>
+void projection_tile_case(Rng& rng, Index w, Index ldw) {
+  CAPTURE(TB, M, w, ldw);
+  constexpr int kBlocks = 3;
+  std::vector<float> W(static_cast<std::size_t>(kBlocks * w * ldw));
+  std::vector<float> X(static_cast<std::size_t>(TB * kBlocks * w));
+  for (float& v : W) v = float(uniform(rng));
+  for (float& v : X) v = float(uniform(rng, -2, 2));
+  mhc::detail::ProjectionTileAvx2<TB, M> tile;
+  tile.set_zero();
+  for (int b = 0; b < kBlocks; ++b) {
+    const float* v[TB];
+    for (int t = 0; t < TB; ++t) v[t] = X.data() + (t * kBlocks + b) * w;
+    tile.accumulate(W.data() + b * w * ldw, ldw, v, w);
+  }
+  for (int t = 0; t < TB; ++t) {
+    mhc::detail::SplitAccumulator<float, M> ref;
+    ref.set_zero();
+    double ss = 0;
+    for (Index c = 0; c < kBlocks * w; ++c) {
+      const float x = X[static_cast<std::size_t>(t * kBlocks * w + c)];
+      ref.fma(W.data() + (c / w) * w * ldw + (c % w) * ldw, x);
+      ss += double(x) * x;
+    }
+    float got[M], want[M];
+    const float got_ss = tile.finish(t, got);
+    ref.store_scaled(want, 1.f);
+    for (int m = 0; m < M; ++m) CHECK(got[m] == want[m]);
+    CHECK(std::abs(got_ss - ss) <= 1e-6 * ss);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("The AVX2 projection tile adds each output's rows as the portable tile does",
+          "[coefficients][avx2]") {
+  const auto seed = fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (const Index w : {1, 7, 8, 9, 33, 63, 64}) {
+    projection_tile_case<8, 24>(rng, w, 24);   // mHC, n = 4: two sub-tiles of 4 tokens
+    projection_tile_case<1, 24>(rng, w, 24);   // the single-token tile after the last full one
+    projection_tile_case<12, 8>(rng, w, 8);    // mHC, n = 2: one sub-tile of 12
+    projection_tile_case<6, 32>(rng, w, 40);   // mHC-lite, n = 4: two of 3; a padded W
+    projection_tile_case<2, 80>(rng, w, 80);   // mHC, n = 8: two sub-tiles of 1
+  }
+}
+#endif
