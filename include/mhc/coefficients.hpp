@@ -140,26 +140,20 @@ struct CoefficientKernels {
   static constexpr int kPacket = Eigen::internal::packet_traits<Real>::size;
   // Register budget: about 24 packet accumulators per tile (of 32 vector registers with AVX-512).
   static constexpr int kAccPackets = (kMaxM + kPacket - 1) / kPacket;  // per token, forward
-  // Whether the forward projection runs the AVX-512 register tile of detail/projection_avx512.hpp
-  // (float compute type, a compile-time M that is a multiple of 8): M / 8 accumulators per token.
-#if defined(MHC_HAVE_AVX512_KERNELS)
-  static constexpr bool kAvx512Projection = std::is_same<Real, float>::value && N != Dynamic &&
-                                            Mapping::coefficient_count(N > 0 ? N : 1) % 8 == 0;
+  // Whether the forward projection runs a register tile: detail/projection_avx512.hpp with
+  // AVX-512, detail/projection_avx2.hpp with AVX2 + FMA (float compute type, a compile-time M
+  // that is a multiple of 8): M / 8 accumulators per token.
+#if defined(MHC_HAVE_AVX512_KERNELS) || defined(MHC_HAVE_AVX2_KERNELS)
+  static constexpr bool kRegisterProjection = std::is_same<Real, float>::value && N != Dynamic &&
+                                              Mapping::coefficient_count(N > 0 ? N : 1) % 8 == 0;
 #else
-  static constexpr bool kAvx512Projection = false;
-#endif
-  // ... or the AVX2 + FMA register tile of detail/projection_avx2.hpp (the same conditions).
-#if defined(MHC_HAVE_AVX2_KERNELS)
-  static constexpr bool kAvx2Projection = std::is_same<Real, float>::value && N != Dynamic &&
-                                          Mapping::coefficient_count(N > 0 ? N : 1) % 8 == 0;
-#else
-  static constexpr bool kAvx2Projection = false;
+  static constexpr bool kRegisterProjection = false;
 #endif
   static constexpr int kTileTokens =  // tokens per tile of the forward projection (n = 4: 8,
                                       // or 12 for the portable tile with 16-float packets)
-      N == Dynamic         ? 8
-      : kAvx512Projection ? std::max(1, std::min(12, 24 / (Mapping::coefficient_count(N) / 8)))
-                          : std::max(1, std::min(12, 24 / kAccPackets));
+      N == Dynamic          ? 8
+      : kRegisterProjection ? std::max(1, std::min(12, 24 / (Mapping::coefficient_count(N) / 8)))
+                            : std::max(1, std::min(12, 24 / kAccPackets));
   // Register passes (see grad_block): with 32 vector registers of 16 floats (AVX-512) and a
   // compile-time M, a full strip goes over each chunk in kPasses passes of at most kPassLimit
   // coefficients; each pass holds its part of the strip's W block and of its d_W accumulators
@@ -326,12 +320,12 @@ struct CoefficientKernels {
   /// (detail/projection_avx512.hpp) or the AVX2 one (detail/projection_avx2.hpp).
 #if defined(MHC_HAVE_AVX512_KERNELS)
   template <int TB>
-  static constexpr bool kRegisterTile = kAvx512Projection && TB * (kFixedM / 8) <= 24;
+  static constexpr bool kRegisterTile = kRegisterProjection && TB * (kFixedM / 8) <= 24;
   template <int TB>
   using RegisterTile = ProjectionTileAvx512<TB, kFixedM>;
 #elif defined(MHC_HAVE_AVX2_KERNELS)
   template <int TB>
-  static constexpr bool kRegisterTile = kAvx2Projection;
+  static constexpr bool kRegisterTile = kRegisterProjection;
   template <int TB>
   using RegisterTile = ProjectionTileAvx2<TB, kFixedM>;
 #endif
