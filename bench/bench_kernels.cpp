@@ -7,8 +7,8 @@
 //    over 64 columns of its 8 rows of X and the 64 rows of W it reads (2 KB + 6 KB), 4096 times
 //    per iteration; 2 x 8 x 64 x (24 + 1) flops per call (product and sum of squares).
 //  - {float,bf16}/CoefficientProjection/L2: the whole forward projection of Coefficients::forward
-//    (forward_tile: the tile above over every block of the tokens' rows, with its X and W
-//    prefetches, the bf16 conversion and r, z) for two tiles of tokens (16 with AVX-512) at
+//    (forward_tile: the tile above over every block of the tokens' rows, with its X prefetches
+//    (and W's with AVX-512), the bf16 conversion and r, z) for two tiles of tokens (16) at
 //    C = 1024 (X: 256 KB float, 128 KB bf16; W: 384 KB, read once per tile), 16 times per
 //    iteration; 2 n C (M + 1) flops per token. Between the L1 tile and bench_operators' DRAM
 //    rows: what walking the blocks and streaming W from L2 cost.
@@ -93,6 +93,8 @@ void BM_projection_tile(benchmark::State& state) {
       benchmark::DoNotOptimize(out);
     }
   };
+  // bytes: X and W once per call (the AVX2 tile reads W once per sub-tile of 4 tokens, i.e.
+  // twice, from L1)
   time_against_peak(state, 2.0 * kTokens * kColumns * (kM + 1) * kCalls,
                     double(kCalls) * (sizeof(x) + sizeof(w)), double(kTokens) * kCalls, kernel);
 }

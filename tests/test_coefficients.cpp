@@ -3,7 +3,7 @@
 // W, alpha (3), b_pre, b_post and b_res; static-only mode; argument errors. The same for the HC
 // and mHC-lite mappings (Coefficients<S, N, HcVariant / MhcLiteVariant>), whose forward is also
 // checked in float storage against the double reference. Where the AVX2 kernels compile in, the
-// AVX2 projection tile against the portable tile's accumulator, bit for bit.
+// AVX2 projection tile against a chain of std::fma over its rows, bit for bit.
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -471,10 +471,11 @@ TEST_CASE("Coefficients reject bad arguments before writing anything", "[coeffic
 #if defined(MHC_HAVE_AVX2_KERNELS)
 namespace {
 
-/// The AVX2 projection tile against the portable tile's accumulator (SplitAccumulator::fma, one
-/// row at a time): the same FMAs in the same order, so every projection value is bit for bit
-/// the same; the lane-wise sum of squares against double. Several blocks of w rows per tile,
-/// w = 1 .. 64 (the masked rest of the sum of squares), rows of W padded (ldw > M).
+/// The AVX2 projection tile against its definition: every output a chain of fused multiply-adds
+/// over the rows in ascending order (std::fma, what the portable tile's SplitAccumulator::fma
+/// compiles to where the compiler fuses it), bit for bit; the lane-wise sum of squares against
+/// double. Several blocks of w rows per tile, w = 1 .. 64 (the masked rest of the sum of
+/// squares), rows of W padded (ldw > M).
 template <int TB, int M>
 void projection_tile_case(Rng& rng, Index w, Index ldw) {
   CAPTURE(TB, M, w, ldw);
@@ -491,17 +492,16 @@ void projection_tile_case(Rng& rng, Index w, Index ldw) {
     tile.accumulate(W.data() + b * w * ldw, ldw, v, w);
   }
   for (int t = 0; t < TB; ++t) {
-    mhc::detail::SplitAccumulator<float, M> ref;
-    ref.set_zero();
+    float want[M] = {};
     double ss = 0;
     for (Index c = 0; c < kBlocks * w; ++c) {
       const float x = X[static_cast<std::size_t>(t * kBlocks * w + c)];
-      ref.fma(W.data() + (c / w) * w * ldw + (c % w) * ldw, x);
+      const float* row = W.data() + (c / w) * w * ldw + (c % w) * ldw;
+      for (int m = 0; m < M; ++m) want[m] = std::fma(row[m], x, want[m]);
       ss += double(x) * x;
     }
-    float got[M], want[M];
+    float got[M];
     const float got_ss = tile.finish(t, got);
-    ref.store_scaled(want, 1.f);
     for (int m = 0; m < M; ++m) CHECK(got[m] == want[m]);
     CHECK(std::abs(got_ss - ss) <= 1e-6 * ss);
   }
@@ -519,6 +519,8 @@ TEST_CASE("The AVX2 projection tile adds each output's rows as the portable tile
     projection_tile_case<1, 24>(rng, w, 24);   // the single-token tile after the last full one
     projection_tile_case<12, 8>(rng, w, 8);    // mHC, n = 2: one sub-tile of 12
     projection_tile_case<6, 32>(rng, w, 40);   // mHC-lite, n = 4: two of 3; a padded W
+    projection_tile_case<1, 32>(rng, w, 32);
+    projection_tile_case<4, 48>(rng, w, 48);   // mHC, n = 6: two sub-tiles of 2
     projection_tile_case<2, 80>(rng, w, 80);   // mHC, n = 8: two sub-tiles of 1
   }
 }

@@ -17,8 +17,8 @@
 // detail/projection_avx512.hpp takes 8 tokens and two rows of W per step, interleaved so that
 // every FMA is 16 lanes wide and one broadcast of a token's two values feeds M / 8 FMAs; with
 // AVX2 + FMA the tile of detail/projection_avx2.hpp takes 8 tokens in register sub-tiles of 4;
-// with either, X is prefetched 1 KB ahead per row in the tile's walking order); the norm is
-// applied after the product. The per-token mappings are the shared MHC_HOST_DEVICE
+// with either, X is prefetched 1 KB ahead per row in the tile's walking order, and the AVX-512
+// tile prefetches W 8 rows ahead); the norm is applied after the product. The per-token mappings are the shared MHC_HOST_DEVICE
 // kernels of detail/coefficient_kernel.hpp and detail/variant_kernel.hpp (the CUDA operators use
 // the same ones), run for one SIMD register of tokens at a time (structure of arrays) when n is
 // fixed at compile time. The forward overload with u also runs PreMix::forward (mixing.hpp) on
@@ -149,8 +149,8 @@ struct CoefficientKernels {
 #else
   static constexpr bool kRegisterProjection = false;
 #endif
-  static constexpr int kTileTokens =  // tokens per tile of the forward projection (n = 4: 8,
-                                      // or 12 for the portable tile with 16-float packets)
+  static constexpr int kTileTokens =  // tokens per tile of the forward projection: 24 / (M / 8)
+                                      // for a register tile, else 24 / ceil(M / packet); 1 to 12
       N == Dynamic          ? 8
       : kRegisterProjection ? std::max(1, std::min(12, 24 / (Mapping::coefficient_count(N) / 8)))
                             : std::max(1, std::min(12, 24 / kAccPackets));
@@ -324,8 +324,8 @@ struct CoefficientKernels {
   template <int TB>
   using RegisterTile = ProjectionTileAvx512<TB, kFixedM>;
 #elif defined(MHC_HAVE_AVX2_KERNELS)
-  template <int TB>
-  static constexpr bool kRegisterTile = kRegisterProjection;
+  template <int TB>  // a token's M / 8 accumulators fit in 12 registers: M <= 96 (n <= 8)
+  static constexpr bool kRegisterTile = kRegisterProjection && kFixedM / 8 <= 12;
   template <int TB>
   using RegisterTile = ProjectionTileAvx2<TB, kFixedM>;
 #endif

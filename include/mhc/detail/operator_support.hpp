@@ -18,9 +18,9 @@
 #include <immintrin.h>
 #define MHC_HAVE_STREAM_STORES 1
 #endif
-// Hand-written AVX-512 register kernels (coefficient projection): on where the target has AVX-512F
-// (e.g. -march=native on the benchmark machine); MHC_NO_AVX512_KERNELS selects the portable
-// Eigen-packet code instead (what every other target runs).
+// Hand-written AVX-512 register kernels (coefficient projection and more): on where the target has
+// AVX-512F (e.g. -march=native on the benchmark machine); MHC_NO_AVX512_KERNELS selects the
+// portable Eigen-packet code instead (what targets with neither these nor the AVX2 kernels run).
 #if defined(__AVX512F__) && (defined(__x86_64__) || defined(_M_X64)) && \
     !defined(MHC_NO_AVX512_KERNELS)
 #include <immintrin.h>
@@ -33,7 +33,8 @@
 #define MHC_HAVE_BF16_DOT_KERNELS 1
 #endif
 #endif
-// Hand-written AVX2 + FMA register kernels (the mixing operators' full column blocks, n <= 4) where
+// Hand-written AVX2 + FMA register kernels (the mixing operators' full column blocks for n <= 4,
+// the coefficient projection tile and the Coefficients backward's register passes) where
 // the target has AVX2 and FMA but not AVX-512 (e.g. -march=native on AMD Zen 2 / Zen 3 or Intel
 // Haswell to Alder Lake); MHC_NO_AVX2_KERNELS selects the portable Eigen-packet code instead.
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && \

@@ -1,17 +1,20 @@
-// detail/projection_avx2.hpp: the AVX2 + FMA register kernel of the coefficient projection (float
-// compute type, M a multiple of 8 outputs per token: M = 24 for mHC / HC with n = 4, 8 with
-// n = 2, 32 for mHC-lite with n = 4). Used by Coefficients::forward where the target has AVX2 and
-// FMA but not AVX-512; the AVX-512 kernel is detail/projection_avx512.hpp.
+// detail/projection_avx2.hpp: the AVX2 + FMA register kernel of the coefficient projection
+// (float compute type, M a multiple of 8 and at most 96 outputs per token: mHC / HC with n = 2,
+// 4, 6, 8, M = n^2 + 2n; mHC-lite with n = 4, M = 32). Used by Coefficients::forward where the
+// target has AVX2 and FMA but not AVX-512 (MHC_NO_AVX2_KERNELS turns it off); the AVX-512 kernel
+// is detail/projection_avx512.hpp.
 //
 // acc_t (M) += W[k, :] * v_t[k] for a tile of TB tokens, row k of W at a time:
 //   acc_t[8j .. 8j + 7] += W[k, 8j .. 8j + 7] * v_t[k]                            (j < M / 8)
-// in sub-tiles of kSub tokens whose kSub * M / 8 accumulators stay in registers for a block of
-// rows (12 of the 16 ymm registers, plus M / 8 for the row of W and one for the broadcast): per
-// row and sub-tile M / 8 loads of W, then per token one broadcast load of v_t[k] and M / 8 FMAs
-// (M = 24: 4 tokens, 7 loads per 12 FMAs). The other sub-tiles of the tile read the block's rows
-// of W again from L1. Every output adds its rows in ascending order, one FMA per row, as the
-// portable tile of coefficients.hpp does, so the product is bit for bit the portable one; the sum
-// of squares is kept lane-wise (8 lanes, summed in finish()).
+// in sub-tiles of kSub = 12 / (M / 8) tokens whose 12 or fewer accumulators stay in registers for
+// a block of rows: per row and sub-tile M / 8 loads of W, then per token one broadcast load of
+// v_t[k] and M / 8 FMAs (M = 24: 4 tokens, 12 accumulators + 3 of W + the broadcast = 16 ymm
+// registers, 7 loads per 12 FMAs; for M > 24 the compiler reloads some of W's row from L1, as
+// FMA memory operands). The other sub-tiles of the tile read the block's rows of W again from L1.
+// Every output adds its rows in ascending order, one fused multiply-add per row: bit for bit the
+// portable tile of coefficients.hpp where the compiler fuses its multiply-adds (g++ -O2 and up
+// with -mfma; tests/test_coefficients.cpp checks the tile against std::fma in that order). The
+// sum of squares is kept lane-wise (8 lanes, summed in finish()).
 //
 // The portable tile it replaces holds its 8 tokens' 24 accumulators in 16 registers, so g++
 // spills them (a store and a reload per FMA in its inner loop): on the Zen 3 VM of
