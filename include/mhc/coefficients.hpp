@@ -13,16 +13,17 @@
 // projection, norm, d_X / d_W backward and static-only mode below are the same for all of them.
 //
 // v W and sum(v^2) come from ONE pass over X (a tile of tokens at a time, so each row of W read
-// from cache serves the whole tile; with AVX-512 the register tile of
-// detail/projection_avx512.hpp takes 8 tokens and two rows of W per step, interleaved so that
-// every FMA is 16 lanes wide and one broadcast of a token's two values feeds M / 8 FMAs; with
-// AVX2 + FMA the tile of detail/projection_avx2.hpp takes 8 tokens in register sub-tiles of 4;
-// with either, X is prefetched 1 KB ahead per row in the tile's walking order, and the AVX-512
-// tile prefetches W 8 rows ahead); the norm is applied after the product. The per-token mappings are the shared MHC_HOST_DEVICE
-// kernels of detail/coefficient_kernel.hpp and detail/variant_kernel.hpp (the CUDA operators use
-// the same ones), run for one SIMD register of tokens at a time (structure of arrays) when n is
-// fixed at compile time. The forward overload with u also runs PreMix::forward (mixing.hpp) on
-// each 16 tokens right after their coefficients, from their rows of X still in cache.
+// from cache serves the whole tile; with AVX-512 the register tile of detail/projection_avx512.hpp
+// takes 8 tokens and two rows of W per step, interleaved so that every FMA is 16 lanes wide and one
+// broadcast of a token's two values feeds M / 8 FMAs; with AVX2 + FMA the tile of
+// detail/projection_avx2.hpp takes 8 tokens in register sub-tiles of 4; with either, X is
+// prefetched 1 KB ahead per row in the tile's walking order, and the AVX-512 tile prefetches W 8
+// rows ahead); the norm is applied after the product. The per-token mappings are the shared
+// MHC_HOST_DEVICE kernels of detail/coefficient_kernel.hpp and detail/variant_kernel.hpp (the CUDA
+// operators use the same ones), run for one SIMD register of tokens at a time (structure of arrays)
+// when n is fixed at compile time. The forward overload with u also runs PreMix::forward
+// (mixing.hpp) on each 16 tokens right after their coefficients, from their rows of X still in
+// cache.
 //
 // Backward (G_h = dL/dh_pre, dL/dh_post, dL/dH_res per token):
 //   dz = alpha * da  (the mapping's backward; for mHC the gates and the exact t_max-step Sinkhorn
