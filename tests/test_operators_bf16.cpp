@@ -363,9 +363,9 @@ TEST_CASE("The AVX-512 bf16 stores agree bit for bit with float_to_bf16", "[bf16
 #if defined(MHC_HAVE_AVX2_KERNELS)
 TEST_CASE("The AVX2 bf16 loads and stores agree bit for bit with the portable conversions",
           "[bf16]") {
-  // store8 / bf16x8_bits against float_to_bf16 (nearest even, NaN quieted), load8 against
-  // bf16_to_float, and stream_line_block (streaming into a 64-byte aligned row, plain stores
-  // elsewhere) copying a block exactly
+  // store8 / bf16x8_bits, store16_columns and store8x2 against float_to_bf16 (nearest even, NaN
+  // quieted), load8 and load8x2 against bf16_to_float, and stream_line_block (streaming into a
+  // 64-byte aligned row, plain stores elsewhere) copying a block exactly
   const auto seed = fresh_seed();
   CAPTURE(seed);
   Rng rng(seed);
@@ -383,6 +383,38 @@ TEST_CASE("The AVX2 bf16 loads and stores agree bit for bit with the portable co
   for (Index k = 0; k < count; ++k) store_mismatches += bits_of(stored[k]) != bits_of(ref[k]);
   CHECK(store_mismatches == 0);
   CHECK(std::memcmp(loaded.data(), widened.data(), sizeof(float) * values.size()) == 0);
+  // the 16-value pairs: store16_columns (lo = columns 0-7, hi = 8-15) and load8x2 / store8x2,
+  // whose bf16 lanes hold columns 0-3, 8-11 (lo) and 4-7, 12-15 (hi); float in column order
+  constexpr int kUnpacked[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+  std::vector<mhc::bf16> columns(values.size()), pairs(values.size()), round_trip(values.size());
+  std::vector<float> floats(values.size());
+  int lane_mismatches = 0;
+  for (Index k = 0; k < count; k += 16) {
+    alignas(32) float in_lanes[16], out_lanes[16];
+    for (int l = 0; l < 16; ++l) in_lanes[l] = values[std::size_t(k + kUnpacked[l])];
+    mhc::detail::store16_columns(columns.data() + k, _mm256_loadu_ps(values.data() + k),
+                                 _mm256_loadu_ps(values.data() + k + 8));
+    mhc::detail::store8x2(pairs.data() + k, _mm256_load_ps(in_lanes), _mm256_load_ps(in_lanes + 8));
+    __m256 lo, hi;
+    mhc::detail::load8x2(ref.data() + k, lo, hi);
+    _mm256_store_ps(out_lanes, lo);
+    _mm256_store_ps(out_lanes + 8, hi);
+    for (int l = 0; l < 16; ++l)
+      lane_mismatches += std::memcmp(&out_lanes[l], &widened[std::size_t(k + kUnpacked[l])],
+                                     sizeof(float)) != 0;
+    mhc::detail::store8x2(round_trip.data() + k, lo, hi);
+    mhc::detail::load8x2(values.data() + k, lo, hi);
+    mhc::detail::store8x2(floats.data() + k, lo, hi);
+  }
+  int pair_mismatches = 0;
+  for (Index k = 0; k < count; ++k) {
+    pair_mismatches += bits_of(columns[k]) != bits_of(ref[k]);
+    pair_mismatches += bits_of(pairs[k]) != bits_of(ref[k]);
+    pair_mismatches += bits_of(round_trip[k]) != bits_of(ref[k]);
+  }
+  CHECK(lane_mismatches == 0);
+  CHECK(pair_mismatches == 0);
+  CHECK(std::memcmp(floats.data(), values.data(), sizeof(float) * values.size()) == 0);
   constexpr int B = mhc::detail::kColumnBlock;
   alignas(64) float src[B];
   alignas(64) mhc::bf16 src_bf16[B];

@@ -646,7 +646,9 @@ struct Update {
   /// float into an L1 buffer, then the block's n rows out as whole lines (stream_line_block;
   /// medians 0.96-1.31 -> 1.13-1.44 of memcpy, three alternating bench_operators runs on Zen 3,
   /// against direct stores). The same products and sums per column as the generic path, as
-  /// fused multiply-adds; the block is read before any of it is written (in-place update).
+  /// fused multiply-adds; the block is read before any of it is written (in-place update). bf16
+  /// goes through load8x2 / store8x2, whose lane order only a column-by-column kernel may use
+  /// (in cache 96 -> 76 ns per block against load8 / store8, C = 4096, docs/operators.md).
   static void forward_avx2_block(const ConstBatchRef<Scalar>& X, const Real* H, const Real* hq,
                                  const ConstBatchRef<Scalar>& y, BatchRef<Scalar>& X_out, Index t,
                                  Index c0) {
@@ -657,11 +659,10 @@ struct Update {
     alignas(64) Scalar out[kStreamLines ? N : 1][detail::kColumnBlock];
 #pragma GCC unroll 4
     for (int c = 0; c < detail::kColumnBlock; c += 16) {
-      __m256 x[N][2], yr[2];
+      __m256 x[N][2], yr[2];  // column by column: the lane order of load8x2 does not matter
       for (int j = 0; j < N; ++j)
-        for (int q = 0; q < 2; ++q)
-          x[j][q] = detail::load8(detail::at(X, t * N + j, c0 + c) + 8 * q);
-      for (int q = 0; q < 2; ++q) yr[q] = detail::load8(detail::at(y, t, c0 + c) + 8 * q);
+        detail::load8x2(detail::at(X, t * N + j, c0 + c), x[j][0], x[j][1]);
+      detail::load8x2(detail::at(y, t, c0 + c), yr[0], yr[1]);
       for (int i = 0; i < N; ++i) {
         __m256 acc[2];
         for (int q = 0; q < 2; ++q) {
@@ -670,8 +671,7 @@ struct Update {
             acc[q] = _mm256_fmadd_ps(_mm256_set1_ps(H[i * N + j]), x[j][q], acc[q]);
         }
         Scalar* dst = kStreamLines ? out[i] + c : detail::at(X_out, t * N + i, c0 + c);
-        detail::store8(dst, acc[0]);
-        detail::store8(dst + 8, acc[1]);
+        detail::store8x2(dst, acc[0], acc[1]);
       }
     }
     if constexpr (kStreamLines)
@@ -759,8 +759,7 @@ struct Update {
             for (int i = 1; i < N; ++i)
               v[q] = _mm256_fmadd_ps(_mm256_set1_ps(coef[i * stride]), gv[i][q], v[q]);
           }
-          detail::store8(dst, v[0]);
-          detail::store8(dst + 8, v[1]);
+          detail::store16_columns(dst, v[0], v[1]);
         };
         mix(hq, 1, out[N] + c);
         for (int j = 0; j < N; ++j) mix(H + j, N, out[j] + c);

@@ -355,22 +355,64 @@ EIGEN_ALWAYS_INLINE __m256 load8(const bf16* p) {
   const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
-/// 8 floats rounded to 8 bf16, bit for bit as float_to_bf16 (u + 0x7FFF + lsb, nearest even; a
-/// NaN keeps its bits with the quiet bit set).
-EIGEN_ALWAYS_INLINE __m128i bf16x8_bits(__m256 x) {
+/// 8 floats rounded to bf16 as float_to_bf16 does (u + 0x7FFF + lsb, nearest even; a NaN keeps
+/// its bits with the quiet bit set), each bf16 in the upper 16 bits of its 32-bit lane. A NaN is
+/// found as x unordered with itself: one compare and no constants (against an and and an integer
+/// compare with two constants, in loops short of registers).
+EIGEN_ALWAYS_INLINE __m256i bf16x8_round_in_lanes(__m256 x) {
   const __m256i u = _mm256_castps_si256(x);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
-  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
-                                         _mm256_set1_epi32(0x7F800000));
-  const __m256i bits = _mm256_srli_epi32(
-      _mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+}
+/// 8 floats rounded to 8 bf16, bit for bit as float_to_bf16.
+EIGEN_ALWAYS_INLINE __m128i bf16x8_bits(__m256 x) {
+  const __m256i bits = _mm256_srli_epi32(bf16x8_round_in_lanes(x), 16);
   // 32-bit lanes (each < 2^16) to 16 bits; packus works per 128-bit half, so pack the halves
   return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
 }
 EIGEN_ALWAYS_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 EIGEN_ALWAYS_INLINE void store8(bf16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16x8_bits(v));
+}
+
+/// 16 values at p as two packets for kernels that work column by column (the same operations on
+/// every column, no sums across columns): float in column order (lo: columns 0-7, hi: 8-15);
+/// bf16 in the order of _mm256_unpack{lo,hi}_epi16 (lo: columns 0-3 and 8-11, hi: 4-7 and
+/// 12-15), which widens 16 values with one load and two unpacks. store8x2 writes such a pair
+/// back in column order; for bf16 the pack that narrows the two halves undoes the unpacks, so no
+/// permute is needed. Exact (loads) and bit for bit float_to_bf16 (stores).
+EIGEN_ALWAYS_INLINE void load8x2(const float* p, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(p);
+  hi = _mm256_loadu_ps(p + 8);
+}
+EIGEN_ALWAYS_INLINE void load8x2(const bf16* p, __m256& lo, __m256& hi) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i zero = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));  // each value << 16
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
+}
+EIGEN_ALWAYS_INLINE void store8x2(float* p, __m256 lo, __m256 hi) {
+  _mm256_storeu_ps(p, lo);
+  _mm256_storeu_ps(p + 8, hi);
+}
+EIGEN_ALWAYS_INLINE void store8x2(bf16* p, __m256 lo, __m256 hi) {
+  const __m256i lo_bits = _mm256_srli_epi32(bf16x8_round_in_lanes(lo), 16);
+  const __m256i hi_bits = _mm256_srli_epi32(bf16x8_round_in_lanes(hi), 16);
+  // per 128-bit half: lo's four values, then hi's = columns 0-7 | 8-15
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(lo_bits, hi_bits));
+}
+/// 16 values in column order (lo: columns 0-7, hi: 8-15) to p, bf16 rounded as store8 does:
+/// one pack and one permute for both halves (two stores of store8 extract and pack each half).
+EIGEN_ALWAYS_INLINE void store16_columns(float* p, __m256 lo, __m256 hi) { store8x2(p, lo, hi); }
+EIGEN_ALWAYS_INLINE void store16_columns(bf16* p, __m256 lo, __m256 hi) {
+  const __m256i lo_bits = _mm256_srli_epi32(bf16x8_round_in_lanes(lo), 16);
+  const __m256i hi_bits = _mm256_srli_epi32(bf16x8_round_in_lanes(hi), 16);
+  // packed per 128-bit half: columns 0-3, 8-11 | 4-7, 12-15; the permute orders the four
+  // 64-bit quarters 0, 2, 1, 3
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm256_permute4x64_epi64(_mm256_packus_epi32(lo_bits, hi_bits), 0xD8));
 }
 /// Keeps the compiler from carrying values loaded from memory across this point (no instruction).
 EIGEN_ALWAYS_INLINE void compiler_barrier() { __asm__ __volatile__("" ::: "memory"); }
