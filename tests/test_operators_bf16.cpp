@@ -235,6 +235,70 @@ TEST_CASE("float storage matches double within the stated tolerance", "[float]")
   storage_case<float, 10>(10, 70, 3);
 }
 
+namespace {
+/// Coefficients backward on rows whose columns repeat one packet-wide pattern: column c of every
+/// row of X, of d_X_old and of W holds the values of column c mod P (P = the compute type's
+/// packet width), so each column's d_X and d_W are the same function of the same values, in the
+/// same lane of its strip. Columns [0, 2L) (L = one 64-byte span: 16 float, 32 bf16 columns) and
+/// the full strip [2L, 2L + P) after them must agree bit for bit: the AVX2 passes stage whole
+/// spans through L1 and run the strip after the last span unstaged, with the same operations in
+/// the same order; every other target runs one kind of pass on all these columns.
+template <typename S, int N>
+void repeated_columns_case(Index T) {
+  using R = mhc::compute_t<S>;
+  constexpr int n = N;
+  constexpr Index P = Eigen::internal::packet_traits<R>::size;
+  constexpr Index L = 64 / Index(sizeof(S));
+  const Index C = 2 * L + P, M = Index(n) * n + 2 * n;
+  const auto seed = fresh_seed();
+  CAPTURE(seed, n, C, T, sizeof(S));
+  Rng rng(seed);
+  const auto repeat = [&](const RowMat<double>& pattern) {  // (rows, P) -> (rows, C)
+    RowMat<double> out(pattern.rows(), C);
+    for (Index c = 0; c < C; ++c) out.col(c) = pattern.col(c % P);
+    return out;
+  };
+  const RowMat<S> X = to<S>(repeat(random_matrix(rng, T * n, P, -2, 2)));
+  const RowMat<S> D0 = to<S>(repeat(random_matrix(rng, T * n, P)));
+  CoefParamsD pd = random_coef_params(rng, n, C);
+  for (int i = 0; i < n; ++i)  // W's row i*C + c = row i*C + c mod P
+    for (Index c = P; c < C; ++c) pd.W.row(i * C + c) = pd.W.row(i * C + c % P);
+  CoefParamsView<R> pv(pd);
+  using Op = mhc::Coefficients<S, N>;
+  RowMat<R> hp(T, n), hq(T, n), H(T, Index(n) * n), r(T, 1), z(T, M);
+  Op::forward(X, pv.params, hp, hq, H, r, z);
+  const RowMat<R> Gp = random_matrix(rng, T, n).cast<R>(), Gq = random_matrix(rng, T, n).cast<R>(),
+                  GH = random_matrix(rng, T, Index(n) * n).cast<R>();
+  RowMat<S> dX = D0;
+  RowMat<R> dW(Index(n) * C, M);
+  Eigen::Matrix<R, Eigen::Dynamic, 1> da(3), dbp(n), dbq(n), dbr(Index(n) * n);
+  Eigen::Matrix<R, Eigen::Dynamic, 1> ws(Op::workspace_size(T, n, C));
+  Op::backward(X, pv.params, r, z, Gp, Gq, GH, dX, {dW, da, dbp, dbq, dbr}, ws);
+  int dx_mismatches = 0, dw_mismatches = 0;
+  for (Index c = P; c < C; ++c) {
+    for (Index row = 0; row < T * n; ++row)
+      dx_mismatches += std::memcmp(&dX(row, c), &dX(row, c % P), sizeof(S)) != 0;
+    for (int i = 0; i < n; ++i)
+      for (Index m = 0; m < M; ++m)
+        dw_mismatches += std::memcmp(&dW(i * C + c, m), &dW(i * C + c % P, m), sizeof(R)) != 0;
+  }
+  CHECK(dx_mismatches == 0);
+  CHECK(dw_mismatches == 0);
+  CHECK(!(dX.template cast<float>() == D0.template cast<float>()));  // the backward added to d_X
+}
+}  // namespace
+
+TEST_CASE("Coefficients backward: columns with the same inputs get the same gradients, staged or "
+          "not", "[bf16][float]") {
+  // chunks of 8 float / 16 bf16 tokens: 37 and 19 tokens end in partial chunks
+  repeated_columns_case<float, 4>(19);
+  repeated_columns_case<float, 1>(37);
+  repeated_columns_case<float, 3>(9);
+  repeated_columns_case<mhc::bf16, 4>(37);
+  repeated_columns_case<mhc::bf16, 2>(19);
+  repeated_columns_case<mhc::bf16, 1>(5);
+}
+
 TEST_CASE("The vectorised bf16 conversions agree bit for bit with Eigen::bfloat16", "[bf16]") {
   const auto seed = fresh_seed();
   CAPTURE(seed);

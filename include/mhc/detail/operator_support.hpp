@@ -356,14 +356,16 @@ EIGEN_ALWAYS_INLINE __m256 load8(const bf16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 /// 8 floats rounded to bf16 as float_to_bf16 does (u + 0x7FFF + lsb, nearest even; a NaN keeps
-/// its bits with the quiet bit set), each bf16 in the upper 16 bits of its 32-bit lane. A NaN is
-/// found as x unordered with itself: one compare and no constants (against an and and an integer
-/// compare with two constants, in loops short of registers).
+/// its bits with the quiet bit set), each bf16 in the upper 16 bits of its 32-bit lane. NaN is
+/// found with integer operations: vcmpps (x unordered with itself) is one instruction instead of
+/// two, but it issues on the FMA pipes of Zen 3, and the bf16 Coefficients backward, whose last
+/// pass rounds between its FMAs, measured 0.37-0.51 of the roofline with it against 0.41-0.58.
 EIGEN_ALWAYS_INLINE __m256i bf16x8_round_in_lanes(__m256 x) {
   const __m256i u = _mm256_castps_si256(x);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                         _mm256_set1_epi32(0x7F800000));
   return _mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
 }
 /// 8 floats rounded to 8 bf16, bit for bit as float_to_bf16.
