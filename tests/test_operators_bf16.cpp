@@ -14,6 +14,8 @@
 // Heap buffers are 64-byte aligned (Eigen aligns to 32 on AVX targets), so that the kernels'
 // streaming stores run here: rows whose stride is a multiple of 64 bytes take the streaming
 // branch, and the odd strides (C = 257) put rows on both sides of a line boundary.
+// Also bit for bit: the Coefficients backward's staged and unstaged passes on repeated columns,
+// and the SIMD bf16 conversions against the portable ones.
 #ifndef EIGEN_MAX_ALIGN_BYTES
 #define EIGEN_MAX_ALIGN_BYTES 64
 #endif

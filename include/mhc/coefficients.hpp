@@ -662,8 +662,9 @@ struct CoefficientKernels {
   /// one L1 set (above): unstaged, each strip of a line read it again from L2, and the last
   /// pass's store of d_X missed L1 (11% of grad_block's samples on that one store, perf, Zen 3).
   /// The same operations in the same order as the unstaged passes (bit for bit; scratch check
-  /// over n = 1..4 and 12 values of C). bench_operators on the Zen 3 VM of
-  /// docs/performance_log.md, medians of three alternating runs against the code before:
+  /// over n = 1..4 and 12 values of C, and test_operators_bf16's repeated columns).
+  /// bench_operators on the Zen 3 VM of docs/performance_log.md, medians of three alternating
+  /// runs against the code before:
   /// float 0.41-0.49 -> 0.53-0.62 of the roofline, bf16 0.30-0.34 -> 0.54-0.63; staging alone,
   /// best of eight repetitions: float 1.05-1.14x, bf16 1.30-1.44x. Chunks of 4 float or 4, 8 or
   /// 32 bf16 tokens and prefetches 128 or 256 B ahead, or into L1, measured within the noise or
